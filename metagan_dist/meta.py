@@ -1,0 +1,292 @@
+"""Meta-gradients of a GAN over T task copies at once: MAML, first-order MAML, Reptile, Meta-SGD.
+
+One inner step, for every task copy at once (DESIGN.md):
+
+    θ_G^i ← θ_G^i − α ∂L_G(θ_G^i, θ_D^i)/∂θ_G      generator first
+    θ_D^i ← θ_D^i − α ∂L_D(θ_G^i, θ_D^i)/∂θ_D      discriminator against the adapted generator
+
+Both are PARTIAL derivatives. `torch.autograd.grad(L_D, θ_D^i)` would silently return a total
+derivative, because the adapted θ_G^i itself depends on θ_D^i through the G step; so each inner
+gradient is taken with respect to a fresh alias of the player's parameters (`_partial_grad`),
+which the other player's parameters cannot depend on. The meta-gradient is then the exact total
+derivative of the meta-objective through all inner steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from kernels import inner_update, reptile_delta
+from metagan_dist.episode import EpisodeBatch
+from metagan_dist.flat import BatchedNet
+from metagan_dist.losses import LOSSES, discriminator_loss, generator_loss, gradient_penalty
+
+ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd")
+OBJECTIVES = ("seed", "split")
+REDUCTIONS = ("mean", "sum")
+
+
+@dataclass(frozen=True)
+class MetaConfig:
+    """What the inner loop does and what the meta-gradient differentiates."""
+
+    algorithm: str = "maml"  # maml | fomaml | reptile | metasgd
+    objective: str = "seed"  # seed: both nets descend L_G + L_D; split: G descends L_G, D descends L_D
+    loss: str = "ns"  # ns | hinge | wgan-gp
+    inner_steps: int = 1  # inner steps per task
+    inner_lr: float = 0.01  # α (Meta-SGD: the initial value of every per-parameter rate)
+    gp_weight: float = 10.0  # λ of the wgan-gp penalty
+    inner_clip: float = 0.0  # clip each task's inner gradient to this norm (per network); 0 = off
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (
+            ("algorithm", self.algorithm, ALGORITHMS),
+            ("objective", self.objective, OBJECTIVES),
+            ("loss", self.loss, LOSSES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
+        if self.inner_steps < 1:
+            raise ValueError(f"inner_steps must be at least 1, got {self.inner_steps}")
+        if self.inner_lr <= 0:
+            raise ValueError(f"inner_lr must be positive, got {self.inner_lr}")
+        if self.inner_clip < 0:
+            raise ValueError(f"inner_clip must be >= 0 (0 turns it off), got {self.inner_clip}")
+
+
+@dataclass
+class MetaGradients:
+    """Meta-gradients of G, D (and Meta-SGD's inner rates), all views of one flat buffer.
+
+    flat:            [P_G + P_D] or, for Meta-SGD, [P_G + P_D + P_G + P_D]: what an all-reduce moves
+    generator:       one tensor per G parameter, in `generator.parameters()` order
+    discriminator:   one tensor per D parameter, in `discriminator.parameters()` order
+    generator_lr:    flat [P_G] gradient of G's inner rates (Meta-SGD), else None
+    discriminator_lr flat [P_D] gradient of D's inner rates (Meta-SGD), else None
+    loss_g, loss_d:  query-set L_G and L_D at the adapted parameters (detached)
+    tasks:           T; every figure above is the mean over tasks, or the sum for reduction="sum"
+    """
+
+    flat: Tensor
+    generator: list[Tensor]
+    discriminator: list[Tensor]
+    generator_lr: Tensor | None
+    discriminator_lr: Tensor | None
+    loss_g: Tensor
+    loss_d: Tensor
+    tasks: int
+
+
+def _task_copies(theta: Tensor, tasks: int) -> Tensor:
+    """[T, P] task copies: a shared [P] vector broadcast (no copy), or the copies themselves."""
+    return theta.expand(tasks, -1) if theta.dim() == 1 else theta
+
+
+def _partial_grad(loss_of: Callable[[Tensor], Tensor], theta: Tensor, create_graph: bool) -> Tensor:
+    """∂loss/∂θ with everything else held fixed, for each task copy of θ [T, P].
+
+    The loss is evaluated at a fresh alias of θ and differentiated w.r.t. that alias only, so
+    paths through other inputs that themselves depend on θ (the trap in DESIGN.md) do not count.
+    With create_graph the result stays differentiable in θ and everything else, for second order.
+    """
+    alias = theta.view_as(theta) if theta.requires_grad else theta.detach().requires_grad_()
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(loss_of(alias).sum(), alias, create_graph=create_graph)
+    return grad
+
+
+class MetaLearner:
+    """Adapts T task copies of a (G, D) pair at once and differentiates the meta-objective."""
+
+    def __init__(self, generator: nn.Module, discriminator: nn.Module, config: MetaConfig):
+        self.G = BatchedNet(generator, "generator")
+        self.D = BatchedNet(discriminator, "discriminator")
+        self.config = config
+
+    def _d_loss(self, theta_d: Tensor, real: Tensor, fake: Tensor, mix: Tensor) -> Tensor:
+        real_logits, fake_logits = self.D(theta_d, real), self.D(theta_d, fake)
+        loss = discriminator_loss(self.config.loss, real_logits, fake_logits)
+        if self.config.loss == "wgan-gp":
+            loss = loss + self.config.gp_weight * gradient_penalty(lambda x: self.D(theta_d, x), real, fake, mix)
+        return loss
+
+    def adapt(
+        self,
+        theta_g: Tensor,
+        theta_d: Tensor,
+        support: Tensor,
+        noise: Tensor,
+        mix: Tensor,
+        lr_g: float | Tensor,
+        lr_d: float | Tensor,
+        create_graph: bool,
+    ) -> tuple[Tensor, Tensor]:
+        """Run len(noise) inner steps on the support set; returns adapted [T, P_G] and [T, P_D].
+
+        theta_g, theta_d: shared [P] (or per-task [T, P]); noise: [S, T, n, z]; mix: [S, T, n].
+        create_graph keeps every inner gradient differentiable (second-order MAML, Meta-SGD).
+        """
+        tasks = support.shape[0]
+        for z, m in zip(noise, mix):
+            d_copies = _task_copies(theta_d, tasks)
+            grad_g = _partial_grad(
+                lambda a: generator_loss(self.config.loss, self.D(d_copies, self.G(a, z))),
+                _task_copies(theta_g, tasks),
+                create_graph,
+            )
+            theta_g = inner_update(theta_g, grad_g, lr_g, self.config.inner_clip)
+            fake = self.G(theta_g, z)
+            grad_d = _partial_grad(lambda a: self._d_loss(a, support, fake, m), d_copies, create_graph)
+            theta_d = inner_update(theta_d, grad_d, lr_d, self.config.inner_clip)
+        return theta_g, theta_d
+
+    def query_losses(self, theta_g: Tensor, theta_d: Tensor, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
+        """L_G and L_D per task [T] on the query set, at (adapted) parameters [T, P]."""
+        fake = self.G(theta_g, batch.query_noise)
+        fake_logits = self.D(theta_d, fake)
+        loss_g = generator_loss(self.config.loss, fake_logits)
+        loss_d = discriminator_loss(self.config.loss, self.D(theta_d, batch.query), fake_logits)
+        if self.config.loss == "wgan-gp":
+            penalty = gradient_penalty(lambda x: self.D(theta_d, x), batch.query, fake, batch.query_mix)
+            loss_d = loss_d + self.config.gp_weight * penalty
+        return loss_g, loss_d
+
+    def meta_gradient(
+        self, theta_g: Tensor, theta_d: Tensor, batch: EpisodeBatch, inner_lrs: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[list[Tensor], Tensor, Tensor]:
+        """Sums over tasks of the meta-gradients [g_G, g_D (, g_lrG, g_lrD)], and of L_G, L_D.
+
+        theta_g [P_G] and theta_d [P_D] (and Meta-SGD's inner_lrs) must be leaves requiring grad.
+        """
+        cfg = self.config
+        if cfg.algorithm == "reptile":
+            with torch.no_grad():
+                adapted_g, adapted_d = self.adapt(
+                    theta_g.detach(), theta_d.detach(), batch.support, batch.inner_noise, batch.inner_mix,
+                    cfg.inner_lr, cfg.inner_lr, create_graph=False,
+                )
+                loss_g, loss_d = self.query_losses(adapted_g, adapted_d, batch)
+                tasks = batch.tasks
+                grads = [tasks * reptile_delta(theta_g, adapted_g), tasks * reptile_delta(theta_d, adapted_d)]
+            return grads, loss_g.sum(), loss_d.sum()
+
+        lr_g, lr_d = inner_lrs if cfg.algorithm == "metasgd" else (cfg.inner_lr, cfg.inner_lr)
+        adapted_g, adapted_d = self.adapt(
+            theta_g, theta_d, batch.support, batch.inner_noise, batch.inner_mix, lr_g, lr_d,
+            create_graph=cfg.algorithm != "fomaml",
+        )
+        loss_g, loss_d = self.query_losses(adapted_g, adapted_d, batch)
+        g_inputs, d_inputs = [theta_g], [theta_d]
+        if cfg.algorithm == "metasgd":
+            g_inputs.append(lr_g)
+            d_inputs.append(lr_d)
+        if cfg.objective == "seed":
+            grads = torch.autograd.grad((loss_g + loss_d).sum(), g_inputs + d_inputs)
+        else:
+            grads_g = torch.autograd.grad(loss_g.sum(), g_inputs, retain_graph=True)
+            grads = grads_g + torch.autograd.grad(loss_d.sum(), d_inputs)
+        # Order: [g_G, g_D, g_lrG, g_lrD], the layout of MetaGradients.flat.
+        ordered = [grads[0], grads[len(g_inputs)]] + (
+            [grads[1], grads[len(g_inputs) + 1]] if cfg.algorithm == "metasgd" else []
+        )
+        return ordered, loss_g.detach().sum(), loss_d.detach().sum()
+
+
+def _check_batch(generator: nn.Module, batch: EpisodeBatch, config: MetaConfig) -> None:
+    """Clear errors for data that does not fit the models or the config."""
+    s, q = batch.support, batch.query
+    if s.dim() != 5 or q.dim() != 5:
+        raise ValueError(
+            f"support and query must be [T, k, C, H, W] and [T, q, C, H, W]; "
+            f"got {tuple(s.shape)} and {tuple(q.shape)}"
+        )
+    tasks = s.shape[0]
+    if tasks == 0:
+        raise ValueError("T=0: the episode batch holds no tasks")
+    if q.shape[0] != tasks:
+        raise ValueError(f"support has T={tasks} tasks but query has T={q.shape[0]}")
+    image_shape = tuple(getattr(generator, "image_shape", ()))
+    for name, images in (("support", s), ("query", q)):
+        if image_shape and tuple(images.shape[2:]) != image_shape:
+            raise ValueError(
+                f"{name} images are {tuple(images.shape[2:])} (C, H, W) but the models make {image_shape}"
+            )
+    steps, z_dim = config.inner_steps, getattr(generator, "z_dim", batch.query_noise.shape[-1])
+    if batch.inner_noise.dim() != 4 or tuple(batch.inner_noise.shape[:2]) != (steps, tasks):
+        raise ValueError(
+            f"inner_noise must be [inner_steps={steps}, T={tasks}, n, z]; got {tuple(batch.inner_noise.shape)}"
+        )
+    if batch.query_noise.dim() != 3 or batch.query_noise.shape[0] != tasks:
+        raise ValueError(f"query_noise must be [T={tasks}, m, z]; got {tuple(batch.query_noise.shape)}")
+    for name, noise in (("inner_noise", batch.inner_noise), ("query_noise", batch.query_noise)):
+        if noise.shape[-1] != z_dim:
+            raise ValueError(f"{name} has z={noise.shape[-1]} but the generator takes z_dim={z_dim}")
+    if config.loss == "wgan-gp":
+        wanted = {"inner_mix": (steps, tasks, s.shape[1]), "query_mix": (tasks, q.shape[1])}
+        for name, shape in wanted.items():
+            if tuple(getattr(batch, name).shape) != shape:
+                raise ValueError(
+                    f"wgan-gp pairs every real image with a fake: {name} must be {shape}, "
+                    f"got {tuple(getattr(batch, name).shape)} (one fake per support/query image)"
+                )
+        if batch.inner_noise.shape[2] != s.shape[1] or batch.query_noise.shape[1] != q.shape[1]:
+            raise ValueError("wgan-gp needs as many noise vectors per task as real images (k per step, q for the query)")
+
+
+def meta_gradients(
+    generator: nn.Module,
+    discriminator: nn.Module,
+    batch: EpisodeBatch,
+    config: MetaConfig = MetaConfig(),
+    *,
+    params: tuple[Tensor, Tensor] | None = None,
+    inner_lrs: tuple[Tensor, Tensor] | None = None,
+    reduction: str = "mean",
+) -> MetaGradients:
+    """Meta-gradients of every parameter of G and D for one episode batch; steps no optimizer.
+
+    generator, discriminator: any nn.Modules (G: noise [n, z] -> images [n, C, H, W]; D: images -> logits [n]).
+    params:    flat meta-parameters (θ_G [P_G], θ_D [P_D]) to use instead of the modules' own;
+               the modules then serve only as architecture templates (the training loop's case).
+    inner_lrs: Meta-SGD's per-parameter inner rates, flat ([P_G], [P_D]); default: all inner_lr.
+    reduction: "mean" over the batch's tasks, or "sum" (to all-reduce, then divide by the global count).
+
+    Example::
+
+        G, D = build_pair("mlp", z_dim=64, image_shape=(1, 28, 28))
+        batch = EpisodeBatch.sample(support, query, inner_steps=1, z_dim=64)  # [T,k,1,28,28], [T,q,1,28,28]
+        grads = meta_gradients(G, D, batch, MetaConfig(algorithm="maml", inner_lr=0.05))
+        for p, g in zip(G.parameters(), grads.generator):
+            p.grad = g
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
+    _check_batch(generator, batch, config)
+    learner = MetaLearner(generator, discriminator, config)
+    if params is None:
+        params = (learner.G.flat_parameters(), learner.D.flat_parameters())
+    theta_g, theta_d = (p.detach().requires_grad_() for p in params)
+    lrs = None
+    if config.algorithm == "metasgd":
+        if inner_lrs is None:
+            inner_lrs = (torch.full_like(theta_g, config.inner_lr), torch.full_like(theta_d, config.inner_lr))
+        lrs = tuple(lr.detach().requires_grad_() for lr in inner_lrs)
+    grads, loss_g, loss_d = learner.meta_gradient(theta_g, theta_d, batch, lrs)
+    scale = 1.0 / batch.tasks if reduction == "mean" else 1.0
+    flat = torch.cat(grads) * scale
+    sizes = [g.numel() for g in grads]
+    pieces = flat.split(sizes)
+    return MetaGradients(
+        flat=flat,
+        generator=learner.G.layout.split(pieces[0]),
+        discriminator=learner.D.layout.split(pieces[1]),
+        generator_lr=pieces[2] if lrs else None,
+        discriminator_lr=pieces[3] if lrs else None,
+        loss_g=loss_g * scale,
+        loss_d=loss_d * scale,
+        tasks=batch.tasks,
+    )

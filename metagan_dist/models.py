@@ -1,0 +1,113 @@
+"""Generator/discriminator pairs used as functional templates for T task copies.
+
+Every generator maps noise [n, z_dim] to images [n, C, H, W] in [-1, 1]; every discriminator maps
+images to logits [n]. Both carry `z_dim` and `image_shape` so data can be checked against them.
+No BatchNorm with running statistics anywhere: a running mean shared by all task copies would mix
+tasks and make adaptation depend on task order (see flat._check_no_running_stats).
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+ARCHITECTURES = ("mlp", "dcgan")
+
+
+class MLPGenerator(nn.Module):
+    """The seed's generator: z -> hidden (ReLU) -> C*H*W (Tanh)."""
+
+    def __init__(self, z_dim: int, image_shape: tuple[int, int, int], hidden: int = 256):
+        super().__init__()
+        self.z_dim, self.image_shape = z_dim, tuple(image_shape)
+        self.net = nn.Sequential(
+            nn.Linear(z_dim, hidden), nn.ReLU(), nn.Linear(hidden, math.prod(image_shape)), nn.Tanh()
+        )
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(z).view(-1, *self.image_shape)
+
+
+class MLPDiscriminator(nn.Module):
+    """The seed's discriminator without its final Sigmoid: C*H*W -> hidden (LeakyReLU 0.01) -> logit."""
+
+    def __init__(self, image_shape: tuple[int, int, int], hidden: int = 128):
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(math.prod(image_shape), hidden), nn.LeakyReLU(0.01), nn.Linear(hidden, 1)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).squeeze(-1)
+
+
+def _dcgan_levels(size: int) -> int:
+    """Number of stride-2 stages between a 4x4 map and a size x size image (3 for 32, 4 for 64)."""
+    if size not in (32, 64):
+        raise ValueError(f"the DCGAN pair supports 32x32 and 64x64 images, not {size}x{size}")
+    return int(math.log2(size)) - 2
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    # Per-sample statistics: each image is normalised on its own, so task copies never mix.
+    return nn.GroupNorm(math.gcd(4, channels), channels)
+
+
+class DCGANGenerator(nn.Module):
+    """DCGAN generator: z -> 4x4 map -> transposed convs doubling the size -> C x size x size."""
+
+    def __init__(self, z_dim: int, image_shape: tuple[int, int, int], width: int = 64):
+        super().__init__()
+        channels, height, width_px = image_shape
+        if height != width_px:
+            raise ValueError(f"the DCGAN pair needs square images, got {height}x{width_px}")
+        self.z_dim, self.image_shape = z_dim, tuple(image_shape)
+        levels = _dcgan_levels(height)
+        c = width * 2 ** (levels - 1)
+        layers: list[nn.Module] = [nn.ConvTranspose2d(z_dim, c, 4, 1, 0, bias=False), _group_norm(c), nn.ReLU()]
+        for _ in range(levels - 1):
+            layers += [nn.ConvTranspose2d(c, c // 2, 4, 2, 1, bias=False), _group_norm(c // 2), nn.ReLU()]
+            c //= 2
+        layers += [nn.ConvTranspose2d(c, channels, 4, 2, 1), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(z.view(*z.shape, 1, 1))
+
+
+class DCGANDiscriminator(nn.Module):
+    """DCGAN discriminator without normalisation (WGAN-GP needs per-sample gradients): -> logit."""
+
+    def __init__(self, image_shape: tuple[int, int, int], width: int = 64):
+        super().__init__()
+        channels, height, _ = image_shape
+        self.image_shape = tuple(image_shape)
+        levels = _dcgan_levels(height)
+        layers: list[nn.Module] = [nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.2)]
+        c = width
+        for _ in range(levels - 1):
+            layers += [nn.Conv2d(c, c * 2, 4, 2, 1), nn.LeakyReLU(0.2)]
+            c *= 2
+        layers += [nn.Conv2d(c, 1, 4, 1, 0)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).flatten(1).squeeze(-1)
+
+
+def build_pair(
+    arch: str, z_dim: int, image_shape: tuple[int, int, int], width: int | None = None
+) -> tuple[nn.Module, nn.Module]:
+    """A (generator, discriminator) pair. `width`: MLP hidden size of G (D gets half) or DCGAN base channels."""
+    image_shape = tuple(image_shape)
+    if len(image_shape) != 3 or image_shape[0] not in (1, 3):
+        raise ValueError(f"image_shape must be (C, H, W) with 1 or 3 channels, got {image_shape}")
+    if arch == "mlp":
+        hidden = width or 256
+        return MLPGenerator(z_dim, image_shape, hidden), MLPDiscriminator(image_shape, max(1, hidden // 2))
+    if arch == "dcgan":
+        base = width or 64
+        return DCGANGenerator(z_dim, image_shape, base), DCGANDiscriminator(image_shape, base)
+    raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")

@@ -1,0 +1,19 @@
+"""metagan_dist: meta-learned GANs (MAML, FOMAML, Reptile, Meta-SGD) at scale."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="metagan_dist",
+    version="0.1.0",
+    description="Meta-learn a GAN over a pool of tasks so it adapts to a new one in a few steps",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["metagan_dist", "metagan_dist.*", "kernels", "kernels.*"]),
+    # Loose on purpose: the GPU image ships torch 2.11, CPU machines 2.14.
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "dev": ["pytest>=7"],
+        "deepspeed": ["deepspeed>=0.14"],
+    },
+)
