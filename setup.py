@@ -11,7 +11,18 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["metagan_dist", "metagan_dist.*", "kernels", "kernels.*"]),
     # Loose on purpose: the GPU image ships torch 2.11, CPU machines 2.14.
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "numpy",
+        "webdataset>=0.2.86",
+        "omegaconf>=2.3",
+        "pyyaml",
+        "tqdm",
+        "tensorboard",
+        "matplotlib>=3.8",  # its bundled TrueType fonts render the embedded glyphs pool
+        "pillow",
+    ],
     extras_require={
         "dev": ["pytest>=7"],
         "deepspeed": ["deepspeed>=0.14"],
