@@ -23,6 +23,13 @@ setup(
         "matplotlib>=3.8",  # its bundled TrueType fonts render the embedded glyphs pool
         "pillow",
     ],
+    entry_points={
+        "console_scripts": [
+            "metagan-make-shards=metagan_dist.data.make_shards:main",
+            "metagan-adapt=metagan_dist.evaluation.adapt:main",
+            "metagan-evaluate=metagan_dist.evaluation.evaluate:main",
+        ]
+    },
     extras_require={
         "dev": ["pytest>=7"],
         "deepspeed": ["deepspeed>=0.14"],
