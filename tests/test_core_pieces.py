@@ -1,0 +1,182 @@
+"""Models, flat buffers, losses, episodes and the core's errors for bad input."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import reference_meta as ref
+from metagan_dist import EpisodeBatch, MetaConfig, build_pair, draw_episode, meta_gradients
+from metagan_dist.flat import BatchedNet, FlatLayout
+from metagan_dist.losses import gradient_penalty
+
+
+@pytest.mark.parametrize(
+    "arch,shape", [("mlp", (1, 28, 28)), ("dcgan", (1, 32, 32)), ("dcgan", (3, 32, 32)), ("dcgan", (1, 64, 64)), ("dcgan", (3, 64, 64))]
+)
+def test_pairs_make_and_judge_images_of_their_shape(arch, shape):
+    G, D = build_pair(arch, 16, shape, width=8)
+    images = G(torch.randn(5, 16))
+    assert images.shape == (5, *shape)
+    assert images.abs().max() <= 1
+    assert D(images).shape == (5,)
+
+
+def test_seed_mlp_pair_has_the_seed_layout():
+    G, D = build_pair("mlp", 64, (1, 28, 28))
+    assert [tuple(p.shape) for p in G.parameters()] == [(256, 64), (256,), (784, 256), (784,)]
+    assert [tuple(p.shape) for p in D.parameters()] == [(128, 784), (128,), (1, 128), (1,)]
+    assert isinstance(D.net[2], nn.LeakyReLU) and D.net[2].negative_slope == 0.01
+
+
+def test_no_meta_learned_network_keeps_running_statistics():
+    for arch, shape in [("mlp", (1, 28, 28)), ("dcgan", (3, 64, 64))]:
+        for net in build_pair(arch, 8, shape):
+            assert not list(net.buffers())
+
+
+def test_flat_layout_round_trip():
+    G, _ = build_pair("dcgan", 8, (3, 32, 32), width=4)
+    layout = FlatLayout.of(G)
+    flat = layout.flatten(G.parameters())
+    assert flat.shape == (sum(p.numel() for p in G.parameters()),)
+    for view, p in zip(layout.split(flat), G.parameters()):
+        assert torch.equal(view, p)
+    copies = torch.stack([flat, flat * 2])
+    views = layout.views(copies)
+    assert all(v.shape == (2, *p.shape) for v, p in zip(views.values(), G.parameters()))
+    with pytest.raises(ValueError, match="needs"):
+        layout.split(flat[:-1])
+
+
+@pytest.mark.parametrize("arch,shape", [("mlp", (1, 8, 8)), ("dcgan", (1, 32, 32))])
+def test_batched_net_equals_each_task_run_alone(arch, shape):
+    G, _ = build_pair(arch, 4, shape, width=4)
+    net = BatchedNet(G)
+    flats = torch.stack([net.flat_parameters() + 0.01 * t for t in range(3)])
+    z = torch.randn(3, 5, 4)
+    batched = net(flats, z)
+    for t in range(3):
+        alone = ref.forward(G, ref.split_like(G, flats[t]), z[t])
+        torch.testing.assert_close(batched[t], alone)
+
+
+def test_batchnorm_with_running_stats_is_refused():
+    D = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.LazyLinear(1))
+    with pytest.raises(ValueError, match="running statistics"):
+        BatchedNet(D, "discriminator")
+
+
+def test_gradient_penalty_matches_a_direct_computation():
+    _, D = build_pair("dcgan", 4, (1, 32, 32), width=2)
+    D = D.double()
+    net = BatchedNet(D)
+    theta = torch.stack([net.flat_parameters(), net.flat_parameters() * 0.9])
+    real = torch.rand(2, 3, 1, 32, 32, dtype=torch.float64)
+    fake = torch.rand(2, 3, 1, 32, 32, dtype=torch.float64)
+    mix = torch.rand(2, 3, dtype=torch.float64)
+    got = gradient_penalty(lambda x: net(theta, x), real, fake, mix)
+    for t in range(2):
+        params = ref.split_like(D, theta[t])
+        want = ref.penalty(D, params, real[t], fake[t], mix[t])
+        torch.testing.assert_close(got[t], want, rtol=1e-12, atol=1e-12)
+    # And from first principles for one sample: the input gradient of the logit, by hand.
+    x_hat = (mix[0, 0] * real[0, 0] + (1 - mix[0, 0]) * fake[0, 0]).unsqueeze(0).requires_grad_()
+    (g,) = torch.autograd.grad(D(x_hat).sum(), x_hat)
+    single = gradient_penalty(lambda x: net(theta[:1], x), real[:1, :1], fake[:1, :1], mix[:1, :1])
+    torch.testing.assert_close(single[0], (g.norm() - 1) ** 2)
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "metasgd"])
+def test_wgan_gp_runs_under_every_algorithm(algorithm):
+    G, D = build_pair("mlp", 8, (1, 8, 8), width=16)
+    batch = EpisodeBatch.sample(torch.rand(3, 4, 1, 8, 8) * 2 - 1, torch.rand(3, 4, 1, 8, 8) * 2 - 1, 2, 8)
+    grads = meta_gradients(G, D, batch, MetaConfig(algorithm=algorithm, loss="wgan-gp", inner_steps=2))
+    assert torch.isfinite(grads.flat).all() and grads.flat.abs().sum() > 0
+    assert torch.isfinite(grads.loss_d)
+
+
+def test_draw_episode_splits_without_replacement():
+    images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
+    support, query = draw_episode(images, 4, 6, np.random.default_rng(0))
+    drawn = np.concatenate([support.ravel(), query.ravel()])
+    assert sorted(drawn.tolist()) == list(range(10))
+    again = draw_episode(images, 4, 6, np.random.default_rng(0))
+    assert np.array_equal(again[0], support)
+
+
+# --- bad input: each a ValueError that names the value -------------------------------------------
+
+
+def _batch(tasks=2, shape=(1, 8, 8), z=8, steps=1, shots=3):
+    return EpisodeBatch.sample(torch.rand(tasks, shots, *shape), torch.rand(tasks, 3, *shape), steps, z)
+
+
+def test_error_image_size_mismatch():
+    G, D = build_pair("mlp", 8, (1, 8, 8))
+    with pytest.raises(ValueError, match=r"\(1, 16, 16\).*\(1, 8, 8\)"):
+        meta_gradients(G, D, _batch(shape=(1, 16, 16)))
+
+
+def test_error_channel_mismatch():
+    G, D = build_pair("dcgan", 8, (1, 32, 32), width=2)
+    with pytest.raises(ValueError, match=r"\(3, 32, 32\).*\(1, 32, 32\)"):
+        meta_gradients(G, D, _batch(shape=(3, 32, 32)))
+
+
+def test_error_no_tasks():
+    G, D = build_pair("mlp", 8, (1, 8, 8))
+    with pytest.raises(ValueError, match="T=0"):
+        meta_gradients(G, D, _batch(tasks=0))
+
+
+def test_error_more_shots_than_the_task_has():
+    with pytest.raises(ValueError, match=r"k=5 support \+ q=3 .* 6 images"):
+        draw_episode(np.zeros((6, 1, 8, 8), np.uint8), 5, 3, np.random.default_rng(0))
+
+
+def test_error_noise_for_the_wrong_number_of_inner_steps():
+    G, D = build_pair("mlp", 8, (1, 8, 8))
+    with pytest.raises(ValueError, match="inner_steps=2"):
+        meta_gradients(G, D, _batch(steps=1), MetaConfig(inner_steps=2))
+
+
+def test_error_noise_of_the_wrong_width():
+    G, D = build_pair("mlp", 8, (1, 8, 8))
+    with pytest.raises(ValueError, match="z_dim=8"):
+        meta_gradients(G, D, _batch(z=5))
+
+
+@pytest.mark.parametrize(
+    "field,value", [("algorithm", "maml2"), ("loss", "lsgan"), ("objective", "both")]
+)
+def test_error_unknown_names(field, value):
+    with pytest.raises(ValueError, match=f"unknown {field} '{value}'"):
+        MetaConfig(**{field: value})
+
+
+def test_error_unknown_reduction_and_bad_numbers():
+    G, D = build_pair("mlp", 8, (1, 8, 8))
+    with pytest.raises(ValueError, match="'median'"):
+        meta_gradients(G, D, _batch(), reduction="median")
+    with pytest.raises(ValueError, match="inner_steps"):
+        MetaConfig(inner_steps=0)
+    with pytest.raises(ValueError, match="inner_lr"):
+        MetaConfig(inner_lr=-1.0)
+
+
+def test_error_unknown_architecture_and_image_size():
+    with pytest.raises(ValueError, match="'resnet'"):
+        build_pair("resnet", 8, (1, 32, 32))
+    with pytest.raises(ValueError, match="48x48"):
+        build_pair("dcgan", 8, (1, 48, 48))
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        build_pair("mlp", 8, (2, 8, 8))
+
+
+def test_error_wgan_gp_needs_one_fake_per_real_image():
+    G, D = build_pair("mlp", 8, (1, 8, 8))
+    batch = _batch(shots=3)
+    batch.inner_noise = batch.inner_noise[:, :, :2]
+    with pytest.raises(ValueError, match="wgan-gp"):
+        meta_gradients(G, D, batch, MetaConfig(loss="wgan-gp"))
