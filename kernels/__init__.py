@@ -1,19 +1,13 @@
-"""Fused inner-loop kernels. Provisional torch references; the Triton kernels replace them."""
+"""Fused inner-loop kernels: one launch updates every parameter of every task copy.
 
-from __future__ import annotations
+Each op lives in its own file with its Triton kernel, launcher, torch.library registration
+(autograd formula included) and torch reference. `kernels.dispatch` picks the implementation:
+Triton on CUDA tensors, the torch reference elsewhere; METAGAN_KERNELS=reference forces the reference.
+"""
 
-import torch
-from torch import Tensor
+from kernels.dispatch import BACKENDS, ENV_VAR
+from kernels.grad_clip import clip_factors
+from kernels.inner_update import inner_update
+from kernels.reptile import reptile_delta
 
-
-def inner_update(theta: Tensor, grads: Tensor, lr: float | Tensor, max_norm: float = 0.0) -> Tensor:
-    """out[t] = theta(_t) - lr ⊙ g[t], g clipped per task to max_norm when > 0."""
-    if max_norm > 0:
-        norms = grads.flatten(1).norm(dim=1, keepdim=True)
-        grads = grads * (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    return theta - lr * grads
-
-
-def reptile_delta(theta: Tensor, thetas: Tensor) -> Tensor:
-    """theta - mean_t thetas[t]."""
-    return theta - thetas.mean(0)
+__all__ = ["BACKENDS", "ENV_VAR", "clip_factors", "inner_update", "reptile_delta"]
