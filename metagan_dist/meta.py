@@ -24,23 +24,24 @@ from kernels import inner_update, reptile_delta
 from metagan_dist.episode import EpisodeBatch
 from metagan_dist.flat import BatchedNet
 from metagan_dist.losses import LOSSES, discriminator_loss, generator_loss, gradient_penalty
+from metagan_dist.options import opt
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd")
 OBJECTIVES = ("seed", "split")
 REDUCTIONS = ("mean", "sum")
 
 
-@dataclass(frozen=True)
+@dataclass
 class MetaConfig:
     """What the inner loop does and what the meta-gradient differentiates."""
 
-    algorithm: str = "maml"  # maml | fomaml | reptile | metasgd
-    objective: str = "seed"  # seed: both nets descend L_G + L_D; split: G descends L_G, D descends L_D
-    loss: str = "ns"  # ns | hinge | wgan-gp
-    inner_steps: int = 1  # inner steps per task
-    inner_lr: float = 0.01  # α (Meta-SGD: the initial value of every per-parameter rate)
-    gp_weight: float = 10.0  # λ of the wgan-gp penalty
-    inner_clip: float = 0.0  # clip each task's inner gradient to this norm (per network); 0 = off
+    algorithm: str = opt("maml", "maml (second order) | fomaml (first order) | reptile | metasgd (learned inner rates)")
+    objective: str = opt("seed", "seed: both nets descend L_G + L_D on the query; split: G descends L_G, D descends L_D")
+    loss: str = opt("ns", "GAN loss on logits: ns (non-saturating) | hinge | wgan-gp")
+    inner_steps: int = opt(1, "inner steps per task (each: a G step, then a D step against the adapted G)")
+    inner_lr: float = opt(0.01, "inner learning rate α (Meta-SGD: the initial value of every per-parameter rate)")
+    gp_weight: float = opt(10.0, "λ of the wgan-gp gradient penalty")
+    inner_clip: float = opt(0.0, "clip each task's inner gradient to this norm, per network; 0 = off")
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -241,7 +242,7 @@ def meta_gradients(
     generator: nn.Module,
     discriminator: nn.Module,
     batch: EpisodeBatch,
-    config: MetaConfig = MetaConfig(),
+    config: MetaConfig | None = None,
     *,
     params: tuple[Tensor, Tensor] | None = None,
     inner_lrs: tuple[Tensor, Tensor] | None = None,
@@ -250,6 +251,8 @@ def meta_gradients(
     """Meta-gradients of every parameter of G and D for one episode batch; steps no optimizer.
 
     generator, discriminator: any nn.Modules (G: noise [n, z] -> images [n, C, H, W]; D: images -> logits [n]).
+    batch:     T episodes with their noise (EpisodeBatch.sample builds one from support/query images).
+    config:    algorithm, objective, loss, inner steps and rate (default MetaConfig(): second-order MAML).
     params:    flat meta-parameters (θ_G [P_G], θ_D [P_D]) to use instead of the modules' own;
                the modules then serve only as architecture templates (the training loop's case).
     inner_lrs: Meta-SGD's per-parameter inner rates, flat ([P_G], [P_D]); default: all inner_lr.
@@ -263,6 +266,7 @@ def meta_gradients(
         for p, g in zip(G.parameters(), grads.generator):
             p.grad = g
     """
+    config = config or MetaConfig()
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
     _check_batch(generator, batch, config)
