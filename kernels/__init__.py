@@ -7,7 +7,7 @@ Triton on CUDA tensors, the torch reference elsewhere; METAGAN_KERNELS=reference
 
 from kernels.dispatch import BACKENDS, ENV_VAR
 from kernels.grad_clip import clip_factors
-from kernels.inner_update import inner_update
+from kernels.update import inner_update
 from kernels.reptile import reptile_delta
 
 __all__ = ["BACKENDS", "ENV_VAR", "clip_factors", "inner_update", "reptile_delta"]

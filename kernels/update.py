@@ -190,11 +190,10 @@ def _backward_triton(
     dout, grads, lr, scale = (_contiguous(t) for t in (dout, grads, lr, scale))
     tasks, params = dout.shape
     n_blocks = triton.cdiv(params, BLOCK_BACKWARD)
-    empty = dout.new_empty(0)
-    dtheta = dout.new_empty(params) if sum_tasks else empty
-    dgrads = torch.empty_like(dout) if want_dgrads else empty
-    dlr = dout.new_empty(params) if want_dlr else empty
-    dscale_part = torch.empty(tasks, n_blocks, dtype=torch.float32, device=dout.device) if want_dscale else empty
+    dtheta = dout.new_empty(params if sum_tasks else 0)  # an unwanted output is empty (each its own:
+    dgrads = torch.empty_like(dout) if want_dgrads else dout.new_empty(0)  # outputs may not alias)
+    dlr = dout.new_empty(params if want_dlr else 0)
+    dscale_part = torch.empty(tasks if want_dscale else 0, n_blocks, dtype=torch.float32, device=dout.device)
     if n_blocks > 0 and (sum_tasks or want_dgrads or want_dlr or want_dscale):
         with device_guard(dout):
             _update_backward_kernel[(n_blocks,)](
@@ -205,7 +204,7 @@ def _backward_triton(
                 LR_MODE=_lr_mode(lr), HAS_SCALE=scale is not None, SUM_TASKS=sum_tasks, WANT_DGRADS=want_dgrads,
                 WANT_DLR=want_dlr, WANT_DSCALE=want_dscale, BLOCK=BLOCK_BACKWARD, num_warps=4,
             )
-    dscale = dscale_part.sum(1).to(dout.dtype) if want_dscale else empty
+    dscale = dscale_part.sum(1).to(dout.dtype) if want_dscale else dout.new_empty(0)
     return dtheta, dgrads, dlr, dscale
 
 
@@ -215,12 +214,11 @@ def _backward_reference(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     rate = lr_value if lr is None else lr
     s = 1.0 if scale is None else scale[:, None]
-    empty = dout.new_empty(0)
     return (
-        dout.sum(0) if sum_tasks else empty,
-        -(rate * s) * dout if want_dgrads else empty,
-        -(s * dout * grads).sum(0) if want_dlr else empty,
-        -(rate * dout * grads).sum(1) if want_dscale else empty,
+        dout.sum(0) if sum_tasks else dout.new_empty(0),
+        -(rate * s) * dout if want_dgrads else dout.new_empty(0),
+        -(s * dout * grads).sum(0) if want_dlr else dout.new_empty(0),
+        -(rate * dout * grads).sum(1) if want_dscale else dout.new_empty(0),
     )
 
 
