@@ -141,10 +141,11 @@ def _forward_triton(theta: Tensor, grads: Tensor, lr: Tensor | None, lr_value: f
 
 
 def _forward_reference(theta: Tensor, grads: Tensor, lr: Tensor | None, lr_value: float, scale: Tensor | None) -> Tensor:
-    step = grads * (lr_value if lr is None else lr)
     if scale is not None:
-        step = step * scale[:, None]
-    return theta - step
+        grads = grads * scale[:, None]
+    if lr is None:
+        return torch.add(theta, grads, alpha=-lr_value)
+    return torch.addcmul(theta, grads, lr, value=-1)
 
 
 def _check_update(theta: Tensor, grads: Tensor, lr: Tensor | None, scale: Tensor | None, backend: str) -> None:
