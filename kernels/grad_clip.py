@@ -19,7 +19,7 @@ FINISH_BLOCK = 1024  # partial sums the finishing program adds per iteration
 CLIP_EPS = 1e-6
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "n_chunks"])
 def _row_sumsq_kernel(x_ptr, partial_ptr, T, P, n_chunks, BLOCK: tl.constexpr, BLOCKS_PER_CHUNK: tl.constexpr):
     # One program per (row, chunk of columns): the chunk's sum of squares, accumulated in fp32.
     pid = tl.program_id(0)
@@ -35,7 +35,7 @@ def _row_sumsq_kernel(x_ptr, partial_ptr, T, P, n_chunks, BLOCK: tl.constexpr, B
     tl.store(partial_ptr + row.to(tl.int64) * n_chunks + chunk, tl.sum(acc, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_chunks"])
 def _finish_norms_kernel(partial_ptr, norms_ptr, n_chunks, FINISH_BLOCK: tl.constexpr):
     # One program per row: add its partial sums in a fixed order, then the square root.
     row = tl.program_id(0)

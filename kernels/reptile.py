@@ -14,7 +14,7 @@ from kernels.dispatch import check_same_kind, check_triton_can_run, device_guard
 BLOCK = 1024  # parameters per program (each program loops over all tasks)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _reptile_delta_kernel(theta_ptr, thetas_ptr, out_ptr, T, P, BLOCK: tl.constexpr):
     # One program per block of parameters: sum the T copies in fp32 registers, then one store.
     block = tl.program_id(0)

@@ -32,7 +32,7 @@ LR_FLOAT, LR_SCALAR, LR_VECTOR = 0, 1, 2  # α as a kernel argument, a 0-d tenso
 MAX_GRID = 2**31 - 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # T == 1 needs no kernel of its own
 def _update_forward_kernel(
     theta_ptr, grads_ptr, lr_ptr, scale_ptr, out_ptr, lr_value, T, P,
     THETA_PER_TASK: tl.constexpr, LR_MODE: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
@@ -61,7 +61,7 @@ def _update_forward_kernel(
     tl.store(out_ptr + row + cols, (theta - step).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "n_blocks"])
 def _update_backward_kernel(
     dout_ptr, grads_ptr, lr_ptr, scale_ptr, dtheta_ptr, dgrads_ptr, dlr_ptr, dscale_part_ptr,
     lr_value, T, P, n_blocks,
