@@ -124,8 +124,7 @@ def _omniglot_source(root: str | Path, channels: int, size: int) -> TaskSource:
             for index in range(len(dataset)):
                 image, character = dataset[index]
                 by_character[character].append(image)
-            for character, images in sorted(by_character.items()):
-                name = dataset._characters[character]
+            for name, images in sorted((dataset._characters[index], images) for index, images in by_character.items()):
                 yield Task(task_key(name.replace("/", "-")), to_pool_images(images, channels, size), split, name)
 
     info = {"kind": "torchvision-omniglot", "root": str(Path(root).resolve()), "test_split": "images_evaluation"}
