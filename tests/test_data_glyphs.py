@@ -6,10 +6,10 @@ import subprocess
 import sys
 import time
 import unicodedata
-from pathlib import Path
 
 import numpy as np
 import pytest
+from test_data_pool import random_tasks
 
 from metagan_dist.data import Pool, PoolError, ensure_glyphs_pool, write_pool
 from metagan_dist.data.glyphs import (
@@ -23,7 +23,6 @@ from metagan_dist.data.glyphs import (
     select_characters,
 )
 from metagan_dist.data.writer import TaskSource
-from test_data_pool import random_tasks
 
 
 @pytest.fixture(scope="module")
@@ -67,22 +66,30 @@ def test_same_seed_same_bytes(characters, tmp_path):
 def test_a_stale_cached_pool_is_refused(tmp_path):
     source = TaskSource(random_tasks(3, 2, shape=(1, 32, 32)), 3, (1, 32, 32), {"kind": "glyphs", "glyphs_version": 0})
     write_pool(source, glyphs_pool_path(tmp_path), command="old build")
-    with pytest.raises(PoolError, match=r"the cached pool .*glyphs was built as 'glyphs' version 0 seed None; this code "
-                                        r"builds glyphs version \d+ seed 0: delete .*glyphs to rebuild it"):
+    with pytest.raises(
+        PoolError,
+        match=r"the cached pool .*glyphs was built as 'glyphs' version 0 seed None; this code "
+        r"builds glyphs version \d+ seed 0: delete .*glyphs to rebuild it",
+    ):
         ensure_glyphs_pool(tmp_path)
 
 
 @pytest.mark.slow
 def test_two_processes_build_the_full_pool_once(characters, tmp_path):
-    code = "import sys; from metagan_dist.data import ensure_glyphs_pool; print('POOL', ensure_glyphs_pool(sys.argv[1]))"
+    code = (
+        "import sys; from metagan_dist.data import ensure_glyphs_pool; print('POOL', ensure_glyphs_pool(sys.argv[1]))"
+    )
     started = time.perf_counter()
-    processes = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-                 for _ in range(2)]
+    processes = [
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     outputs = [process.communicate(timeout=300)[0] for process in processes]
     build_s = time.perf_counter() - started
     assert [process.returncode for process in processes] == [0, 0]
     assert [line for out in outputs for line in out.splitlines() if line.startswith("POOL")] == [
-        f"POOL {tmp_path / 'glyphs'}"] * 2
+        f"POOL {tmp_path / 'glyphs'}"
+    ] * 2
     assert sum("wrote pool" in out for out in outputs) == 1  # one built, the other waited on the lock
     assert build_s < 120
     assert sorted(path.name for path in tmp_path.iterdir() if not path.name.endswith(".lock")) == ["glyphs"]

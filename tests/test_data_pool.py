@@ -15,13 +15,19 @@ from metagan_dist.data.manifest import MANIFEST_NAME, sha256_file
 from metagan_dist.data.writer import CONTACT_SHEET, TaskSource, pick_test_keys, task_key
 
 
-def random_tasks(count: int, images: int | list[int], shape=(1, 8, 8), test_every: int = 5, seed: int = 0) -> list[Task]:
+def random_tasks(
+    count: int, images: int | list[int], shape=(1, 8, 8), test_every: int = 5, seed: int = 0
+) -> list[Task]:
     """`count` tasks of random uint8 images; every `test_every`-th task is meta-test."""
     rng = np.random.default_rng(seed)
     sizes = images if isinstance(images, list) else [images] * count
     return [
-        Task(f"task{i:03d}", rng.integers(0, 256, (sizes[i], *shape), dtype=np.uint8),
-             "test" if i % test_every == 0 else "train", f"task number {i}")
+        Task(
+            f"task{i:03d}",
+            rng.integers(0, 256, (sizes[i], *shape), dtype=np.uint8),
+            "test" if i % test_every == 0 else "train",
+            f"task number {i}",
+        )
         for i in range(count)
     ]
 
@@ -70,7 +76,10 @@ def test_manifest_describes_the_pool(pool_path, tasks):
     pool = Pool(pool_path)
     manifest = json.loads((pool_path / MANIFEST_NAME).read_text())
     assert manifest["image_shape"] == [1, 8, 8] and manifest["channels"] == 1 and manifest["command"] == "test"
-    assert manifest["splits"] == {"test": {"tasks": 6, "images": 72, "shards": 2}, "train": {"tasks": 24, "images": 288, "shards": 5}}
+    assert manifest["splits"] == {
+        "test": {"tasks": 6, "images": 72, "shards": 2},
+        "train": {"tasks": 24, "images": 288, "shards": 5},
+    }
     for shard in manifest["shards"]:
         assert shard["sha256"] == sha256_file(pool_path / shard["file"])
         assert shard["bytes"] == (pool_path / shard["file"]).stat().st_size
@@ -136,14 +145,19 @@ def test_checksum_mismatch(pool_copy):
     data = bytearray(shard.read_bytes())
     data[2000] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(PoolError, match=r"shard .*test-000000.tar fails its checksum: sha256 [0-9a-f]{64}, index.json says"):
+    with pytest.raises(
+        PoolError, match=r"shard .*test-000000.tar fails its checksum: sha256 [0-9a-f]{64}, index.json says"
+    ):
         Pool(pool_copy).load_tasks("test")
 
 
 def test_image_shape_differs_from_manifest(pool_copy):
     rewrite_manifest(pool_copy, image_shape=[1, 8, 9])
-    with pytest.raises(PoolError, match=r"task 'task000' in shard .*test-000000.tar holds images uint8 \[12, 1, 8, 8\]; "
-                                        r"the manifest index.json says uint8 \[N, 1, 8, 9\]"):
+    with pytest.raises(
+        PoolError,
+        match=r"task 'task000' in shard .*test-000000.tar holds images uint8 \[12, 1, 8, 8\]; "
+        r"the manifest index.json says uint8 \[N, 1, 8, 9\]",
+    ):
         Pool(pool_copy).load_tasks("test")
 
 
@@ -162,7 +176,10 @@ def test_foreign_shard_content(pool_copy):
     "task, message",
     [
         (Task("bad.key", np.zeros((2, 1, 8, 8), np.uint8), "train", "x"), r"task key 'bad.key' \(x\) must match"),
-        (Task("k", np.zeros((2, 1, 8, 8), np.float32), "train", "x"), r"images must be uint8 \[N, 1, 8, 8\], got float32"),
+        (
+            Task("k", np.zeros((2, 1, 8, 8), np.float32), "train", "x"),
+            r"images must be uint8 \[N, 1, 8, 8\], got float32",
+        ),
         (Task("k", np.zeros((2, 3, 8, 8), np.uint8), "train", "x"), r"got uint8 \[2, 3, 8, 8\]"),
         (Task("k", np.zeros((0, 1, 8, 8), np.uint8), "train", "x"), r"task 'k' \(x\) has no images"),
         (Task("k", np.zeros((2, 1, 8, 8), np.uint8), "Train-1", "x"), r"split 'Train-1' must be lowercase letters"),
@@ -187,7 +204,9 @@ def test_writer_rejects_an_empty_source(tmp_path):
 
 def test_writer_refuses_to_overwrite_unless_asked(tmp_path):
     out = write_random_pool(tmp_path / "out", random_tasks(3, 4))
-    with pytest.raises(FileExistsError, match=f"{re.escape(str(out))} already exists: choose another output folder or pass --overwrite"):
+    with pytest.raises(
+        FileExistsError, match=f"{re.escape(str(out))} already exists: choose another output folder or pass --overwrite"
+    ):
         write_random_pool(out, random_tasks(3, 4))
     replacement = random_tasks(4, 2, seed=1)
     write_pool(TaskSource(replacement, 4, (1, 8, 8), {"kind": "random"}), out, command="again", overwrite=True)

@@ -11,17 +11,17 @@ from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from test_data_pool import random_tasks, rewrite_manifest, write_random_pool
 
 from metagan_dist.data import Pool, PoolError, TaskStream
-from test_data_pool import random_tasks, rewrite_manifest, write_random_pool
 
 
 @contextmanager
 def deadline(seconds: float):
     """Fail with TimeoutError instead of hanging (main-thread code, i.e. num_workers=0 or the loader)."""
+
     def expire(signum, frame):
         raise TimeoutError(f"still running after {seconds} s")
 
@@ -115,7 +115,9 @@ def test_resume_continues_exactly(pool_path, workers, stop_after):
 
 def test_resume_refuses_other_settings(pool_path):
     state = make_stream(pool_path, num_workers=0).state_dict()
-    with pytest.raises(ValueError, match=r"settings differ: num_workers: saved 0, now 2; tasks_per_batch: saved 4, now 2"):
+    with pytest.raises(
+        ValueError, match=r"settings differ: num_workers: saved 0, now 2; tasks_per_batch: saved 4, now 2"
+    ):
         make_stream(pool_path, num_workers=2, tasks_per_batch=2).load_state_dict(state)
 
 
@@ -137,8 +139,11 @@ def test_short_tasks_are_skipped_and_counted(tmp_path, caplog):
         keys = {key for batch in collect(stream) for key in batch.keys}
     assert not keys & short
     assert "'short_tasks': 4" in caplog.text
-    with pytest.raises(PoolError, match=r"task 'task0\d\d' in shard .*train-00000\d.tar: k=3 support \+ q=2 query "
-                                        r"images is larger than the 4 images the task provides"):
+    with pytest.raises(
+        PoolError,
+        match=r"task 'task0\d\d' in shard .*train-00000\d.tar: k=3 support \+ q=2 query "
+        r"images is larger than the 4 images the task provides",
+    ):
         collect(make_stream(path, on_short_task="error"))
 
 

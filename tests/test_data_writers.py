@@ -54,8 +54,13 @@ def test_image_folder_tasks(image_folder, tmp_path, capsys):
     assert "left out 1 sub-folder(s)" in capsys.readouterr().out
     tasks = all_tasks(pool)
     assert {key: images.shape for key, images in tasks.items()} == {
-        "alpha": (3, 1, 16, 16), "beta_v2": (2, 1, 16, 16), "gamma": (4, 1, 16, 16)}
-    expected = np.asarray(Image.open(image_folder / "alpha" / "1.png").convert("L").resize((16, 16), Image.Resampling.LANCZOS))
+        "alpha": (3, 1, 16, 16),
+        "beta_v2": (2, 1, 16, 16),
+        "gamma": (4, 1, 16, 16),
+    }
+    expected = np.asarray(
+        Image.open(image_folder / "alpha" / "1.png").convert("L").resize((16, 16), Image.Resampling.LANCZOS)
+    )
     assert np.array_equal(tasks["alpha"][1, 0], expected)
 
 
@@ -119,7 +124,9 @@ def test_array_bad_inputs(tmp_path):
 def write_idx(path: Path, array: np.ndarray) -> None:
     """An IDX (MNIST) file: magic 0x0000 08 <ndim>, big-endian dims, uint8 data."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(bytes([0, 0, 8, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape) + array.tobytes())
+    path.write_bytes(
+        bytes([0, 0, 8, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape) + array.tobytes()
+    )
 
 
 def fake_mnist_like(root: Path, folder: str, prefix: dict[str, str], classes: int = 3) -> np.ndarray:
@@ -225,8 +232,19 @@ def test_cli_writes_a_pool_and_records_its_command(image_folder, tmp_path, capsy
 def test_cli_arrays(tmp_path):
     np.save(tmp_path / "images.npy", np.zeros((6, 8, 8), np.uint8))
     np.save(tmp_path / "labels.npy", np.array([0, 1, 2, 0, 1, 2]))
-    main(["arrays", str(tmp_path / "images.npy"), str(tmp_path / "labels.npy"), "--out", str(tmp_path / "pool"),
-          "--size", "8", "--test-fraction", "0"])
+    main(
+        [
+            "arrays",
+            str(tmp_path / "images.npy"),
+            str(tmp_path / "labels.npy"),
+            "--out",
+            str(tmp_path / "pool"),
+            "--size",
+            "8",
+            "--test-fraction",
+            "0",
+        ]
+    )
     assert Pool(tmp_path / "pool").keys("train") == ["class_0", "class_1", "class_2"]
 
 
@@ -240,6 +258,7 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
 
 
 def test_launch_script_help():
-    result = subprocess.run([sys.executable, str(REPO / "launch" / "make_shards.py"), "--help"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "make_shards.py"), "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and "image-folder" in result.stdout and "torchvision" in result.stdout

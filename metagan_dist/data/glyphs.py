@@ -65,7 +65,9 @@ def _draw(font: str, char: str, stroke: int = 0) -> Image.Image:
     """The character's ink cropped from a large canvas (an empty image when it has none)."""
     canvas = Image.new("L", (RENDER_CANVAS, RENDER_CANVAS), 0)
     centre = (RENDER_CANVAS // 2, RENDER_CANVAS // 2)
-    ImageDraw.Draw(canvas).text(centre, char, font=_font(font), fill=255, anchor="mm", stroke_width=stroke, stroke_fill=255)
+    ImageDraw.Draw(canvas).text(
+        centre, char, font=_font(font), fill=255, anchor="mm", stroke_width=stroke, stroke_fill=255
+    )
     box = canvas.getbbox()
     return canvas.crop(box) if box else Image.new("L", (0, 0))
 
@@ -113,7 +115,9 @@ def render_glyph(font: str, char: str, rng: np.random.Generator) -> np.ndarray:
     ink = _draw(font, char, stroke=int(rng.integers(0, 3)))
     if max(ink.size) > GLYPH_BOX:
         ratio = GLYPH_BOX / max(ink.size)
-        ink = ink.resize((max(1, round(ink.width * ratio)), max(1, round(ink.height * ratio))), Image.Resampling.LANCZOS)
+        ink = ink.resize(
+            (max(1, round(ink.width * ratio)), max(1, round(ink.height * ratio))), Image.Resampling.LANCZOS
+        )
     work = Image.new("L", (WORK_SIZE, WORK_SIZE), 0)
     work.paste(ink, ((WORK_SIZE - ink.width) // 2, (WORK_SIZE - ink.height) // 2))
     jittered = affine(
@@ -164,9 +168,7 @@ def glyph_source(seed: int = 0, characters: list[tuple[str, list[str]]] | None =
     return TaskSource(glyph_tasks(seed, characters), len(characters), (1, IMAGE_SIZE, IMAGE_SIZE), info)
 
 
-def build_glyphs_pool(
-    out: str | Path, seed: int = 0, *, command: str, overwrite: bool = False
-) -> WriteSummary:
+def build_glyphs_pool(out: str | Path, seed: int = 0, *, command: str, overwrite: bool = False) -> WriteSummary:
     """Render the glyphs pool into `out`: same seed, same bytes (for given matplotlib, Pillow, FreeType)."""
     return write_pool(glyph_source(seed), out, command=command, maxcount=SHARD_TASKS, overwrite=overwrite)
 

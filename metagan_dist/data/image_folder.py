@@ -46,7 +46,12 @@ def image_folder_source(
             images = to_pool_images((_open(path) for path in files), channels, size)
             yield Task(key, images, "test" if key in test else "train", folder.name, {"folder": folder.name})
 
-    info = {"kind": "image-folder", "root": str(root.resolve()), "test_fraction": test_fraction, "split_seed": split_seed}
+    info = {
+        "kind": "image-folder",
+        "root": str(root.resolve()),
+        "test_fraction": test_fraction,
+        "split_seed": split_seed,
+    }
     return TaskSource(tasks(), len(folders), (channels, size, size), info)
 
 

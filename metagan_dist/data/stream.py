@@ -32,7 +32,8 @@ from metagan_dist.episode import draw_episode
 
 logger = logging.getLogger(__name__)
 SHORT_TASK_POLICIES = ("skip", "error")
-STATE_FIELDS = ("seed", "world_size", "num_workers", "split", "shots", "queries", "tasks_per_batch")
+# Settings that define the stream: a resume must use the same ones to get the same batches.
+STATE_FIELDS = ("seed", "world_size", "num_workers", "split", "shots", "queries", "tasks_per_batch", "shuffle_buffer")
 
 
 @dataclass
@@ -146,8 +147,11 @@ class TaskStream:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved state; the stream-defining settings must match the ones saved."""
-        different = [f"{name}: saved {state.get(name)!r}, now {getattr(self, name)!r}" for name in STATE_FIELDS
-                     if state.get(name) != getattr(self, name)]
+        different = [
+            f"{name}: saved {state.get(name)!r}, now {getattr(self, name)!r}"
+            for name in STATE_FIELDS
+            if state.get(name) != getattr(self, name)
+        ]
         if different:
             raise ValueError("cannot resume the task stream exactly; settings differ: " + "; ".join(different))
         self.epoch, self.batch, self.skipped = state["epoch"], state["batch"], dict(state["skipped"])
@@ -157,7 +161,9 @@ class TaskStream:
             self.set_epoch(self.epoch + 1)
         source = _EpisodeSource(self, self.epoch, self.batch)
         workers = dict(prefetch_factor=self.prefetch_factor, timeout=self.worker_timeout_s) if self.num_workers else {}
-        loader = DataLoader(source, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **workers)
+        loader = DataLoader(
+            source, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **workers
+        )
         for item in _in_index_order(loader, self.batch):
             self.skipped["short_tasks"] += item["new_short_tasks"]
             self.skipped["corrupt"] += len(item["new_problems"])
@@ -192,28 +198,34 @@ class _EpisodeSource(IterableDataset):
         self.shots, self.queries, self.tasks_per_batch = stream.shots, stream.queries, stream.tasks_per_batch
         self.seed, self.rank, self.epoch = stream.seed, stream.rank, epoch
         self.start, self.stop = start, stream.batches_per_epoch
-        self.shuffle_buffer, self.skip_corrupt, self.on_short_task = (
-            stream.shuffle_buffer, stream.skip_corrupt, stream.on_short_task)
+        self.shuffle_buffer = stream.shuffle_buffer
+        self.skip_corrupt, self.on_short_task = stream.skip_corrupt, stream.on_short_task
 
     def __iter__(self) -> Iterator[dict]:
         wds = import_webdataset()
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         paths = list(wds.split_by_worker(self.paths))
-        shard_seed, buffer_seed, episode_seed = np.random.SeedSequence([self.seed, self.rank, self.epoch, worker]).spawn(3)
+        shard_seed, buffer_seed, episode_seed = np.random.SeedSequence(
+            [self.seed, self.rank, self.epoch, worker]
+        ).spawn(3)
         reader = _ShardReader(paths, self, np.random.default_rng(shard_seed), np.random.default_rng(episode_seed))
-        episodes = iter(wds.DataPipeline(
-            reader.shard_passes,
-            wds.tarfile_to_samples(handler=reader.on_tar_error),
-            reader.episodes,
-            wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=random.Random(int(buffer_seed.generate_state(1)[0]))),
-        ))
+        episodes = iter(
+            wds.DataPipeline(
+                reader.shard_passes,
+                wds.tarfile_to_samples(handler=reader.on_tar_error),
+                reader.episodes,
+                wds.shuffle(
+                    self.shuffle_buffer, self.shuffle_buffer, rng=random.Random(int(buffer_seed.generate_state(1)[0]))
+                ),
+            )
+        )
         reported = (0, 0)
         for index in range(worker, self.stop, workers):
             batch = list(itertools.islice(episodes, self.tasks_per_batch))
             counts = (len(reader.short_keys), len(reader.problems))
             if index >= self.start:
-                yield self._collate(batch, index, counts[0] - reported[0], reader.problems[reported[1]:])
+                yield self._collate(batch, index, counts[0] - reported[0], reader.problems[reported[1] :])
             reported = counts
 
     @staticmethod
@@ -232,8 +244,9 @@ class _EpisodeSource(IterableDataset):
 class _ShardReader:
     """One worker's endless shard passes and episode drawing, with the counts of what it skipped."""
 
-    def __init__(self, paths: list[str], source: _EpisodeSource, shard_rng: np.random.Generator,
-                 episode_rng: np.random.Generator):
+    def __init__(
+        self, paths: list[str], source: _EpisodeSource, shard_rng: np.random.Generator, episode_rng: np.random.Generator
+    ):
         self.paths, self.source = paths, source
         self.shard_rng, self.episode_rng = shard_rng, episode_rng
         self.current = None

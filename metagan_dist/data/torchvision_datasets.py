@@ -79,8 +79,16 @@ def torchvision_source(
     if name != "emnist":
         del info["emnist_split"]
     return array_source(
-        images, labels, channels=channels, size=size, test_fraction=test_fraction, split_seed=split_seed,
-        key_prefix=prefix, names=classes, info=info, where=f"torchvision {name} under {root}",
+        images,
+        labels,
+        channels=channels,
+        size=size,
+        test_fraction=test_fraction,
+        split_seed=split_seed,
+        key_prefix=prefix,
+        names=classes,
+        info=info,
+        where=f"torchvision {name} under {root}",
     )
 
 
@@ -102,7 +110,11 @@ def _load_arrays(name: str, root: str | Path, emnist_split: str) -> tuple[np.nda
     if name == "emnist":
         parts = [_construct(datasets.EMNIST, root, split=emnist_split, train=train) for train in (True, False)]
     else:
-        dataset_class = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST, "cifar100": datasets.CIFAR100}[name]
+        dataset_class = {
+            "mnist": datasets.MNIST,
+            "fashion-mnist": datasets.FashionMNIST,
+            "cifar100": datasets.CIFAR100,
+        }[name]
         parts = [_construct(dataset_class, root, train=train) for train in (True, False)]
     images = np.concatenate([np.asarray(part.data) for part in parts])
     if name == "emnist":
