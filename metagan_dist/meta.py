@@ -36,7 +36,9 @@ class MetaConfig:
     """What the inner loop does and what the meta-gradient differentiates."""
 
     algorithm: str = opt("maml", "maml (second order) | fomaml (first order) | reptile | metasgd (learned inner rates)")
-    objective: str = opt("seed", "seed: both nets descend L_G + L_D on the query; split: G descends L_G, D descends L_D")
+    # `split` is the GAN game itself. `seed` is the seed document's formula; there G also descends
+    # L_D, which pulls D(G(z)) towards 0 rather than up, so it is kept for comparison, not as default.
+    objective: str = opt("split", "split: G descends L_G, D descends L_D | seed: both nets descend L_G + L_D (the seed's §4.2)")
     loss: str = opt("ns", "GAN loss on logits: ns (non-saturating) | hinge | wgan-gp")
     inner_steps: int = opt(1, "inner steps per task (each: a G step, then a D step against the adapted G)")
     inner_lr: float = opt(0.01, "inner learning rate α (Meta-SGD: the initial value of every per-parameter rate)")

@@ -49,14 +49,15 @@ def test_two_ranks_give_the_update_of_one_rank_with_all_tasks(algorithm):
     G, D, cfg, batch, params, engine = setup(algorithm)
     single, single_after = one_meta_step(G, D, cfg, batch, params, engine)
     ranks = run_on_ranks(ranked_step, 2, algorithm)
-    # Adam's first step is about lr * sign(g): where |g| is at rounding level (Reptile's θ - mean θ_t
-    # cancels), fp32 summation order flips the sign, so parameters are compared where |g| is not.
+    # Adam's first step is about lr * sign(g): where |g| is near rounding level (Reptile's θ - mean θ_t
+    # cancels; Meta-SGD's rate gradients are tiny), fp32 summation order moves it by up to a whole
+    # step, so parameters are compared where |g| > 1e-6, to 1e-4 of a step (lr = 1e-2).
     conditioned = single.gradient.abs() > 1e-6
-    assert conditioned.float().mean() > 0.9
+    assert conditioned.float().mean() > 0.7
     for tasks, gradient, after in ranks:
         assert tasks == sum(SPLIT)
         torch.testing.assert_close(gradient, single.gradient, rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(after[conditioned], single_after[conditioned], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(after[conditioned], single_after[conditioned], rtol=0, atol=1e-6)
     assert torch.equal(ranks[0][2], ranks[1][2])  # replicas stay bit-identical
 
 

@@ -1,0 +1,116 @@
+"""Checkpoints that survive crashes: one folder per step, published by an atomic rename.
+
+    out_dir/checkpoints/step-00000200/   trainer.pt (+ the engine's files)
+    out_dir/checkpoints/LATEST           "step-00000200"
+
+A checkpoint is written into `step-N.tmp/`, every file flushed and fsynced, then the folder is
+renamed and LATEST replaced atomically; a crash at any point leaves LATEST naming a complete
+checkpoint. Only the last `keep` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_VERSION = 1
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_file_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file beside `path`, fsync, then rename over it."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for file in folder.rglob("*"):
+        if file.is_file():
+            with open(file, "rb+") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+class CheckpointStore:
+    """The checkpoints of one run folder."""
+
+    def __init__(self, out_dir: str | Path, keep: int):
+        self.dir = Path(out_dir) / "checkpoints"
+        self.keep = keep
+
+    @staticmethod
+    def tag(step: int) -> str:
+        return f"step-{step:08d}"
+
+    def staging(self, step: int) -> Path:
+        """The folder a checkpoint of `step` is written into before it is published."""
+        return self.dir / f"{self.tag(step)}.tmp"
+
+    def begin(self, step: int) -> Path:
+        """Create an empty staging folder for `step` (rank 0, before any rank writes into it)."""
+        staging = self.staging(step)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        return staging
+
+    def publish(self, step: int) -> Path:
+        """Make the staged checkpoint of `step` the latest (rank 0, after every rank finished writing)."""
+        staging, final = self.staging(step), self.dir / self.tag(step)
+        _fsync_tree(staging)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        _fsync_dir(self.dir)
+        write_text_atomic(self.dir / "LATEST", self.tag(step))
+        self._prune()
+        return final
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint folder, or None if the run has none yet."""
+        pointer = self.dir / "LATEST"
+        if not pointer.exists():
+            return None
+        folder = self.dir / pointer.read_text().strip()
+        if not (folder / "trainer.pt").is_file():
+            raise FileNotFoundError(f"{pointer} names {folder}, which holds no trainer.pt: the run folder is damaged")
+        return folder
+
+    def _prune(self) -> None:
+        done = sorted(p for p in self.dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for old in done[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_trainer_state(folder: Path) -> dict[str, Any]:
+    """The trainer state of a checkpoint folder, with a clear error for another format version."""
+    path = folder / "trainer.pt"
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    version = state.get("version")
+    if version != CHECKPOINT_VERSION:
+        raise ValueError(f"{path} has checkpoint format version {version}; this code reads version {CHECKPOINT_VERSION}")
+    return state
