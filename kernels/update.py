@@ -191,8 +191,9 @@ def _backward_triton(
     dout, grads, lr, scale = (_contiguous(t) for t in (dout, grads, lr, scale))
     tasks, params = dout.shape
     n_blocks = triton.cdiv(params, BLOCK_BACKWARD)
-    dtheta = dout.new_empty(params if sum_tasks else 0)  # an unwanted output is empty (each its own:
-    dgrads = torch.empty_like(dout) if want_dgrads else dout.new_empty(0)  # outputs may not alias)
+    # An unwanted output is an empty tensor of its own: the outputs of a custom op may not alias.
+    dtheta = dout.new_empty(params if sum_tasks else 0)
+    dgrads = dout.new_empty(dout.shape if want_dgrads else (0,))
     dlr = dout.new_empty(params if want_dlr else 0)
     dscale_part = torch.empty(tasks if want_dscale else 0, n_blocks, dtype=torch.float32, device=dout.device)
     if n_blocks > 0 and (sum_tasks or want_dgrads or want_dlr or want_dscale):
