@@ -257,6 +257,13 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
     assert str(tmp_path / "cifar-100-python" / "meta") in error and "Traceback" not in error
 
 
+def test_cli_glyphs_refuses_an_existing_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["glyphs", "--out", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert f"{tmp_path} already exists: choose another output folder or pass --overwrite" in capsys.readouterr().err
+
+
 def test_launch_script_help():
     result = subprocess.run(
         [sys.executable, str(REPO / "launch" / "make_shards.py"), "--help"], capture_output=True, text=True, timeout=120

@@ -29,7 +29,7 @@ IMAGE_SIZE = 32
 IMAGES_PER_TASK = 32
 MIN_FONTS = 8
 TEST_SCRIPT = "GEORGIAN"  # meta-test: every character whose Unicode name starts with this
-SHARD_TASKS = 24  # tasks per shard: about 27 train and 5 test shards
+SHARD_TASKS = 24  # tasks per shard: 28 train and 5 test shards
 LETTERS_AND_DIGITS = ("Lu", "Ll", "Lt", "Lo", "Nd")
 # Computer Modern uses TeX's OT1 encoding: only ASCII letters and digits sit at their Unicode code points.
 ASCII_ONLY_FONTS = ("cmr10.ttf", "cmb10.ttf", "cmti10.ttf", "cmss10.ttf", "cmtt10.ttf")

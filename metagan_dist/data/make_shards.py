@@ -53,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from metagan_dist.data.torchvision_datasets import DATASETS, EMNIST_SPLITS
 
-    vision = commands.add_parser("torchvision", parents=[output, images], help="a torchvision dataset already on disk")
+    vision = commands.add_parser(
+        "torchvision",
+        parents=[output, images],
+        help="a torchvision dataset already on disk (omniglot: background = meta-train, evaluation = meta-test)",
+    )
     vision.add_argument("dataset", choices=DATASETS)
     vision.add_argument("--root", required=True, help="the root folder you gave torchvision")
     vision.add_argument("--emnist-split", choices=EMNIST_SPLITS, default="balanced")
