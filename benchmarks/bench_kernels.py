@@ -144,6 +144,15 @@ def markdown(rows: list[dict], methods: list[str], cuda: bool) -> str:
     return "\n".join(lines)
 
 
+def _cpu_name() -> str:
+    """The CPU model as lscpu shows it (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -160,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     note = (
         f"CUDA: {torch.cuda.get_device_name(device)}; fused = Triton kernels"
         if device.type == "cuda"
-        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads): torch paths "
+        else f"CPU ({_cpu_name()}, {torch.get_num_threads()} threads): torch paths "
         "only; 'fused' is the registered op's torch reference (the Triton interpreter is not a benchmark)"
     )
     print(note, flush=True)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 ENV_VAR = "METAGAN_KERNELS"
 BACKENDS = ("auto", "triton", "reference")
-TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # computed in fp32 inside the kernels
+TRITON_DTYPES = (torch.float32, torch.bfloat16)  # the dtypes the tests cover; fp32 arithmetic inside
 
 
 def resolve_backend(backend: str | None, like: Tensor) -> str:
