@@ -230,6 +230,12 @@ def _backward_shapes(dout: Tensor, sum_tasks: bool, want_dgrads: bool, want_dlr:
             (params,) if want_dlr else (0,), (tasks,) if want_dscale else (0,))
 
 
+def _check_backward(dout: Tensor, grads: Tensor, lr: Tensor | None, scale: Tensor | None, backend: str) -> None:
+    if dout.shape != grads.shape:
+        raise ValueError(f"dout {tuple(dout.shape)} and grads {tuple(grads.shape)} must have the same shape")
+    _check_update(dout, grads, lr, scale, backend)
+
+
 @torch.library.custom_op("metagan::inner_update_backward", mutates_args=())
 def inner_update_backward_op(
     dout: Tensor, grads: Tensor, lr: Optional[Tensor], lr_value: float, scale: Optional[Tensor],
@@ -239,9 +245,7 @@ def inner_update_backward_op(
 
     The α gradient is per parameter [P] even for a 0-d α (the caller sums it).
     """
-    if dout.shape != grads.shape:
-        raise ValueError(f"dout {tuple(dout.shape)} and grads {tuple(grads.shape)} must have the same shape")
-    _check_update(dout, grads, lr, scale, backend)
+    _check_backward(dout, grads, lr, scale, backend)
     flags = (sum_tasks, want_dgrads, want_dlr, want_dscale)
     if backend == "triton":
         return _backward_triton(dout, grads, lr, lr_value, scale, *flags)
@@ -250,7 +254,7 @@ def inner_update_backward_op(
 
 @inner_update_backward_op.register_fake
 def _inner_update_backward_fake(dout, grads, lr, lr_value, scale, sum_tasks, want_dgrads, want_dlr, want_dscale, backend):
-    _check_update(dout, grads, lr, scale, backend)
+    _check_backward(dout, grads, lr, scale, backend)
     return tuple(dout.new_empty(shape) for shape in _backward_shapes(dout, sum_tasks, want_dgrads, want_dlr, want_dscale))
 
 
