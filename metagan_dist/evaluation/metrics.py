@@ -41,8 +41,9 @@ def kid(
 ) -> tuple[float, float]:
     """Kernel Inception Distance (Bińkowski et al. 2018): unbiased MMD² with k(x, y) = (xᵀy/d + 1)³.
 
-    Mean and (population) standard deviation over `subsets` random subsets of min(subset_size, N_real, N_fake)
-    samples per side, drawn without replacement; unbiased, so usable for small sample counts.
+    Mean and spread (population standard deviation, not a standard error) over `subsets` random
+    subsets of min(subset_size, N_real, N_fake) samples per side, drawn without replacement.
+    Unbiased, so usable for small sample counts; the mean can be slightly negative.
     """
     real, fake = _feature_pair(real, fake, min_samples=2)
     if subsets < 1:
