@@ -27,7 +27,7 @@ from metagan_dist.checkpoint import CHECKPOINT_VERSION, CheckpointStore, load_tr
 from metagan_dist.config import describe_options, incompatible_keys, load_config, save_config, to_dict
 from metagan_dist.data import Pool, TaskStream, ensure_glyphs_pool, images_to_tensor
 from metagan_dist.distributed import (
-    StopSignal, all_gather_objects, barrier, init_distributed, shutdown, verify_replicas,
+    StopSignal, all_gather_objects, barrier, init_distributed, raise_if_any_rank_failed, shutdown, verify_replicas,
 )
 from metagan_dist.engine import MetaParameters, agree_and_step, build_engine
 from metagan_dist.monitor import Monitor, logger, setup_logging
@@ -90,12 +90,17 @@ def main(argv: list[str] | None = None) -> None:
     # ---- data: the task pool, this rank's stream of episodes, fixed meta-test tasks for samples ----
     pool = Pool(ensure_glyphs_pool() if cfg.data.pool == "glyphs" else cfg.data.pool)
     tasks_per_rank, steps_per_task = cfg.data.tasks_per_rank, cfg.meta.inner_steps
-    stream = TaskStream(
-        pool, "train", shots=cfg.data.shots, queries=cfg.data.queries, tasks_per_batch=tasks_per_rank,
-        episodes_per_epoch=tasks_per_rank * cfg.data.batches_per_epoch, seed=cfg.run.seed, rank=ctx.rank,
-        world_size=ctx.world_size, num_workers=cfg.data.workers, skip_corrupt=cfg.data.skip_corrupt,
-        on_short_task=cfg.data.short_tasks,
-    )
+    stream, error = None, None
+    try:  # each rank checks its own shards' checksums: agree before anyone enters a collective
+        stream = TaskStream(
+            pool, "train", shots=cfg.data.shots, queries=cfg.data.queries, tasks_per_batch=tasks_per_rank,
+            episodes_per_epoch=tasks_per_rank * cfg.data.batches_per_epoch, seed=cfg.run.seed, rank=ctx.rank,
+            world_size=ctx.world_size, num_workers=cfg.data.workers, skip_corrupt=cfg.data.skip_corrupt,
+            on_short_task=cfg.data.short_tasks,
+        )
+    except ValueError as err:
+        error = err
+    raise_if_any_rank_failed(error, "to open its task stream")
 
     # ---- model: meta-parameters as flat buffers, identical on every rank (same seed; checked below) ----
     torch.manual_seed(cfg.run.seed)

@@ -114,3 +114,15 @@ def load_trainer_state(folder: Path) -> dict[str, Any]:
     if version != CHECKPOINT_VERSION:
         raise ValueError(f"{path} has checkpoint format version {version}; this code reads version {CHECKPOINT_VERSION}")
     return state
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder from either a run folder (its latest checkpoint) or a checkpoint folder."""
+    path = Path(path)
+    if (path / "trainer.pt").is_file():
+        return path
+    if (path / "checkpoints").is_dir():
+        latest = CheckpointStore(path, keep=1).latest()
+        if latest is not None:
+            return latest
+    raise FileNotFoundError(f"{path} is neither a checkpoint folder (with trainer.pt) nor a run folder with checkpoints")

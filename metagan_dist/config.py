@@ -114,7 +114,7 @@ class TrainConfig:
 RESUMABLE_CHANGES = (
     "run.steps", "run.log_every", "run.sample_every", "run.sample_steps", "run.checkpoint_every",
     "run.keep_checkpoints", "run.check_every", "run.max_skipped_steps", "run.threads", "run.device",
-    "run.out_dir", "data.workers", "data.pool", "data.skip_corrupt", "data.sample_tasks", "engine.bucket_mb",
+    "run.out_dir", "data.skip_corrupt", "data.sample_tasks", "engine.bucket_mb",
 )
 
 
@@ -149,6 +149,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
             reason = str(err.msg).splitlines()[0]
             raise ValueError(f"bad value for config key '{key}' in {where}: {reason}") from None
     return OmegaConf.to_object(merged)
+
+
+def from_dict(values: dict[str, Any], where: str) -> TrainConfig:
+    """A TrainConfig from nested dicts (a checkpoint's saved config); unknown keys are errors naming `where`."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), values))
+    except OmegaConfBaseException as err:
+        raise ValueError(f"{where}: its config does not fit this version of metagan_dist: {err.msg.splitlines()[0]}") from None
 
 
 def to_dict(config: TrainConfig) -> dict[str, Any]:

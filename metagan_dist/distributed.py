@@ -80,6 +80,20 @@ def all_gather_objects(obj: object) -> list[object]:
     return out
 
 
+def raise_if_any_rank_failed(error: Exception | None, what: str) -> None:
+    """Agree on a step every rank must pass (e.g. opening its shards): if one failed, all raise.
+
+    A rank that fails alone would otherwise leave the others waiting in their next collective.
+    """
+    errors = all_gather_objects(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(rank, message) for rank, message in enumerate(errors) if message is not None]
+    if failed:
+        rank, message = failed[0]
+        raise RuntimeError(f"rank {rank} failed {what}: {message}")
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

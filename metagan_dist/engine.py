@@ -79,6 +79,21 @@ class TorchEngine:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
+def load_meta_parameters(folder: Path) -> MetaParameters:
+    """The meta-parameters of a checkpoint folder written by either engine (on the CPU)."""
+    torch_file, deepspeed_file = folder / "engine.pt", folder / "mp_rank_00_model_states.pt"
+    if torch_file.is_file():
+        state = torch.load(torch_file, map_location="cpu", weights_only=True)["params"]
+    elif deepspeed_file.is_file():
+        state = torch.load(deepspeed_file, map_location="cpu", weights_only=False)["module"]
+    else:
+        raise FileNotFoundError(f"{folder} holds neither engine.pt (engine=torch) nor {deepspeed_file.name} (deepspeed)")
+    lr = 0.0 if "generator_lr" in state else None
+    params = MetaParameters(state["generator"], state["discriminator"], inner_lr=lr)
+    params.load_state_dict(state)
+    return params
+
+
 class DeepSpeedEngine:
     """`deepspeed.initialize` on the meta-parameters (ZeRO 1/2 from a JSON config).
 
