@@ -10,6 +10,15 @@ from torch import Tensor
 from metagan_dist.meta import MetaLearner
 
 
+def meta_inner_rates(
+    learner: MetaLearner, inner_lrs: tuple[Tensor, Tensor] | None = None
+) -> tuple[float | Tensor, float | Tensor]:
+    """The meta-learned inner rates (lr_G, lr_D): Meta-SGD's per-parameter rates when given, else meta.inner_lr."""
+    if inner_lrs is None:
+        return learner.config.inner_lr, learner.config.inner_lr
+    return inner_lrs[0].detach(), inner_lrs[1].detach()
+
+
 def adapt_and_generate(
     learner: MetaLearner,
     theta_g: Tensor,
@@ -25,8 +34,7 @@ def adapt_and_generate(
     Uses the meta-learned inner rule (Meta-SGD's rates when given). sample_noise [T, m, z];
     returns images [T, m, C, H, W] in [-1, 1].
     """
-    lr = learner.config.inner_lr
-    lr_g, lr_d = (lr, lr) if inner_lrs is None else (inner_lrs[0].detach(), inner_lrs[1].detach())
+    lr_g, lr_d = meta_inner_rates(learner, inner_lrs)
     adapted_g, _ = learner.adapt(
         theta_g.detach(), theta_d.detach(), shots, inner_noise, inner_mix, lr_g, lr_d, create_graph=False
     )
