@@ -1,0 +1,223 @@
+"""Few-shot evaluation on held-out tasks: meta-learned inits against `scratch` and `pretrain-finetune`.
+
+    python launch/evaluate.py runs/maml runs/reptile --shots 4 --steps 10 --out eval/
+    metagan-evaluate maml=runs/a/checkpoints/step-00002000 metasgd=runs/b --baselines scratch --tasks 20
+
+For each meta-test task and seed: k shots at random, the rest of the task held out as the real
+reference. Every method adapts to the same shots with the same noise, for the curve's step counts
+(0, 1, 2, 5, 10, 20, 50 and S), then draws M samples per task, scored against the held-out images in
+the feature space of a task classifier trained on the meta-train tasks (cached as
+<pool>/feature_net.pt): KID (primary), FID, k-NN precision/recall, diversity.
+
+Methods: each checkpoint (adapted with --rules, default its meta-learned inner rule); `scratch`, a
+random init of the same architecture (a fresh one per seed); `pretrain-finetune`, one GAN trained
+with Adam on the union of the meta-train tasks for the same compute as the first checkpoint's
+meta-training (the same number of real-image evaluations: meta-steps x ranks x tasks per rank x
+(inner steps x k + q)), from its initial weights. Baselines adapt with each of --baseline-rules.
+
+Writes OUT/results.json, OUT/results.md, OUT/kid_vs_steps.png and OUT/grids/<method>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from metagan_dist.data import Pool
+from metagan_dist.evaluation import baselines
+from metagan_dist.evaluation.checkpoint_model import MetaLearnedGAN, load_meta_learned
+from metagan_dist.evaluation.cli_support import DEVICES, open_pool, pick_device, run_command
+from metagan_dist.evaluation.features import load_or_train_feature_net
+from metagan_dist.evaluation.harness import EvalPlan, Method, check_plan, evaluate
+from metagan_dist.evaluation.report import build_report, markdown, plot_kid_curves
+from metagan_dist.evaluation.rules import parse_rule
+from metagan_dist.sampling import save_grid
+
+CURVE_STEPS = (0, 1, 2, 5, 10, 20, 50)
+BASELINES = ("scratch", "pretrain-finetune")
+FEATURE_NET_FILE = "feature_net.pt"
+GRID_SAMPLES = 12  # samples shown per task in the grids
+META_TRAIN_SPLIT = "train"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoints", nargs="+", metavar="[NAME=]PATH",
+                        help="meta-trained run or checkpoint folders (either engine); NAME defaults to meta.algorithm. "
+                             "All must share one architecture; the first sets the pool, k and the pretraining budget")
+    parser.add_argument("--pool", help="'glyphs' or a pool folder (default: the first checkpoint's data.pool)")
+    parser.add_argument("--split", default="test", help="split of the held-out tasks (default: test)")
+    parser.add_argument("--tasks", type=int, default=0, help="evaluate the first N tasks of the split; 0 = all (default)")
+    parser.add_argument("--shots", type=int, help="k shots per task (default: the first checkpoint's data.shots)")
+    parser.add_argument("--steps", type=int, default=10, help="S, the adaptation steps of the table (default: 10)")
+    parser.add_argument("--curve-steps", default=",".join(map(str, CURVE_STEPS)),
+                        help="comma-separated step counts of the KID curve; S is added (default: 0,1,2,5,10,20,50)")
+    parser.add_argument("--samples", type=int, default=64, help="M samples per task (default: 64)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1: shots, noise and scratch inits (default: 3)")
+    parser.add_argument("--rules", nargs="+", default=["meta"], metavar="RULE",
+                        help="rules the checkpoints adapt with: meta (the learned inner rule), sgd:LR, adam:LR (default: meta)")
+    parser.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES,
+                        help="baselines to run (default: both; give none for none)")
+    parser.add_argument("--baseline-rules", nargs="+", default=["adam:0.001"], metavar="RULE",
+                        help="rules the baselines adapt with, each its own row: sgd:LR, adam:LR (default: adam:0.001)")
+    parser.add_argument("--pretrain-batch", type=int, default=baselines.PRETRAIN_BATCH,
+                        help=f"images per pretraining step; the step count follows from the budget (default: {baselines.PRETRAIN_BATCH})")
+    parser.add_argument("--kid-subsets", type=int, default=20, help="random subsets averaged per KID estimate (default: 20)")
+    parser.add_argument("--feature-epochs", type=int, default=8, help="epochs of the cached feature net (default: 8)")
+    parser.add_argument("--grid-tasks", type=int, default=6, help="tasks shown in each method's sample grid (default: 6)")
+    parser.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA if available (default: auto)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default (use 1-2 on a busy box)")
+    parser.add_argument("--out", default="eval", help="output folder (default: eval)")
+    args = parser.parse_args(argv)
+    for name in ("tasks", "steps", "seeds", "samples", "shots", "kid_subsets", "feature_epochs", "grid_tasks", "pretrain_batch"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name in ("tasks", "steps") else 1):
+            parser.error(f"--{name.replace('_', '-')} must be at least {0 if name in ('tasks', 'steps') else 1}, got {value}")
+    try:
+        curve = {int(s) for s in args.curve_steps.split(",") if s.strip()}
+    except ValueError:
+        parser.error(f"--curve-steps must be comma-separated integers, got {args.curve_steps!r}")
+    if any(s < 0 for s in curve):
+        parser.error(f"--curve-steps must be >= 0, got {args.curve_steps!r}")
+    args.curve = sorted(curve | {args.steps})
+    return args
+
+
+def load_checkpoints(specs: list[str], device: torch.device) -> list[tuple[str, MetaLearnedGAN]]:
+    """(name, model) per NAME=PATH or PATH; names must be unique and architectures identical."""
+    loaded = []
+    for spec in specs:
+        name, _, path = spec.partition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
+        model = load_meta_learned(path, device)
+        loaded.append((name or model.name, model))
+    names = [name for name, _ in loaded]
+    if len(set(names)) < len(names) or set(names) & set(BASELINES):
+        raise ValueError(f"checkpoint names must be unique and not a baseline's; got {names}: name them as NAME=PATH")
+    first_name, first = loaded[0]
+    for name, model in loaded[1:]:
+        if (model.config.model, model.image_shape) != (first.config.model, first.image_shape):
+            raise ValueError(
+                f"checkpoint {model.folder} ({name}) has model {model.config.model} for {model.image_shape} images, "
+                f"but {first.folder} ({first_name}) has {first.config.model} for {first.image_shape}: "
+                f"compare inits of one architecture"
+            )
+    return loaded
+
+
+def meta_train_images(pool: Pool) -> tuple[np.ndarray, np.ndarray]:
+    """All images of the pool's meta-train tasks uint8 [N, C, H, W], and each image's task index [N]."""
+    tasks = pool.load_tasks(META_TRAIN_SPLIT)
+    labels = np.concatenate([np.full(len(images), i) for i, images in enumerate(tasks.values())])
+    return np.concatenate(list(tasks.values())), labels
+
+
+def build_methods(
+    args: argparse.Namespace, loaded: list[tuple[str, MetaLearnedGAN]], pool: Pool, images: np.ndarray,
+    device: torch.device,
+) -> tuple[list[Method], dict | None]:
+    """The rows of the comparison, and a record of how the pretraining baseline was made (None without it).
+
+    images: the meta-train images uint8 [N, C, H, W] that `pretrain-finetune` is pretrained on.
+    """
+    rules = [parse_rule(spec) for spec in args.rules]
+    baseline_rules = [parse_rule(spec) for spec in args.baseline_rules]
+    if any(rule.kind == "meta" for rule in baseline_rules):
+        raise ValueError("--baseline-rules: baselines have no meta-learned inner rule; use sgd:LR or adam:LR")
+    methods = []
+    for name, model in loaded:
+        for rule in rules:
+            methods.append(Method(name, "meta-learned", model.learner, rule,
+                                  init=lambda seed, m=model: (m.theta_g, m.theta_d),
+                                  source=f"{model.folder} (step {model.step})", inner_lrs=model.inner_lrs))
+    _, reference = loaded[0]
+    config, shape = reference.config, reference.image_shape
+    pretrain_record = None
+    if "scratch" in args.baselines:
+        for rule in baseline_rules:
+            methods.append(Method("scratch", "baseline", reference.learner, rule,
+                                  init=lambda seed: baselines.random_init(config, shape, seed),
+                                  source="random init (seed = evaluation seed)"))
+    if "pretrain-finetune" in args.baselines:
+        budget = baselines.matched_budget(config, reference.step, reference.ranks, args.pretrain_batch)
+        start = time.perf_counter()
+        theta_g, theta_d = baselines.random_init(config, shape, config.run.seed)
+        pretrained = baselines.pretrain(
+            reference.learner, theta_g.to(device), theta_d.to(device), images, budget,
+            lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2), seed=config.run.seed,
+        )
+        pretrain_record = {**budget.as_dict(), "lr": config.optim.lr, "betas": [config.optim.beta1, config.optim.beta2],
+                           "matches": f"{reference.folder}: {reference.step} meta-steps x {reference.ranks} rank(s) x "
+                                      f"{config.data.tasks_per_rank} tasks x ({config.meta.inner_steps} x "
+                                      f"{config.data.shots} + {config.data.queries}) real images",
+                           "seconds": round(time.perf_counter() - start, 1)}
+        for rule in baseline_rules:
+            methods.append(Method("pretrain-finetune", "baseline", reference.learner, rule,
+                                  init=lambda seed: pretrained,
+                                  source=f"GAN pretrained on {pool.path} {META_TRAIN_SPLIT} split, {budget.steps} "
+                                         f"Adam steps of {budget.batch} images"))
+    return methods, pretrain_record
+
+
+def run(args: argparse.Namespace) -> None:
+    """Load, build the methods, evaluate, write JSON, markdown, plot and grids, print the table."""
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    loaded = load_checkpoints(args.checkpoints, device)
+    _, reference = loaded[0]
+    pool = open_pool(args.pool or reference.config.data.pool)
+    if tuple(pool.image_shape) != tuple(reference.image_shape):
+        raise ValueError(f"pool {pool.path} holds {pool.image_shape} images but the checkpoints' models make "
+                         f"{reference.image_shape} (C, H, W)")
+    keys = pool.keys(args.split)
+    keys = keys[: args.tasks] if args.tasks else keys
+    plan = EvalPlan(tasks=pool.load_tasks(args.split, keys), shots=args.shots or reference.config.data.shots,
+                    steps=args.curve, samples=args.samples, seeds=list(range(args.seeds)), kid_subsets=args.kid_subsets)
+    check_plan(plan)
+    images, labels = meta_train_images(pool)
+    feature_net = load_or_train_feature_net(pool.path / FEATURE_NET_FILE, images, labels,
+                                            epochs=args.feature_epochs, device=device)
+    methods, pretrain_record = build_methods(args, loaded, pool, images, device)
+
+    start = time.perf_counter()
+    scores, grid_shots = evaluate(methods, plan, feature_net, device, grid_step=args.steps, grid_tasks=args.grid_tasks)
+    settings = {
+        "pool": str(pool.path), "split": args.split, "tasks": len(keys), "task_keys": keys, "shots": plan.shots,
+        "steps": args.steps, "curve_steps": plan.steps, "samples": plan.samples, "seeds": plan.seeds,
+        "kid_subsets": plan.kid_subsets, "feature_net": {"path": str(pool.path / FEATURE_NET_FILE),
+                                                         "heldout_accuracy": feature_net.heldout_accuracy},
+        "pretrain": pretrain_record, "device": str(device), "torch_threads": torch.get_num_threads(),
+        "machine": platform.platform(), "evaluate_seconds": round(time.perf_counter() - start, 1),
+    }
+    report = build_report(methods, scores, args.steps, settings)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    table = markdown(report)
+    (out / "results.md").write_text(table)
+    plot_kid_curves(report, out / "kid_vs_steps.png")
+    for method in methods:
+        save_grid(grid_shots, scores[method.label].grid[:, :GRID_SAMPLES], out / "grids" / f"{_slug(method.label)}.png")
+    print(f"\n{table}\nwritten to {out}: results.json, results.md, kid_vs_steps.png, grids/ "
+          f"({len(methods)} methods; evaluation {settings['evaluate_seconds']} s)")
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    run_command(lambda: run(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""The evaluate command end to end on tiny checkpoints and a tiny pool; its outputs, fairness and bad-input errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from metagan_dist.config import TrainConfig
+from metagan_dist.data import Pool
+from metagan_dist.evaluation import baselines
+from metagan_dist.evaluation.checkpoint_model import load_meta_learned
+from metagan_dist.evaluation.evaluate import main
+from metagan_dist.evaluation.harness import METRICS
+from tiny_run import IMAGE_SHAPE, SHOTS, train_tiny_run, write_tiny_pool
+
+TASKS, SEEDS, SAMPLES, STEPS = 2, 2, 6, 3
+CURVE = [0, 1, 2, 3, 5]
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory) -> Path:
+    return write_tiny_pool(tmp_path_factory.mktemp("evaluate") / "pool")
+
+
+@pytest.fixture(scope="module")
+def runs(pool, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("evaluate")
+    return {"maml": train_tiny_run(pool, root / "maml"),
+            "metasgd": train_tiny_run(pool, root / "metasgd", "meta.algorithm=metasgd")}
+
+
+def common_args(pool: Path, out: Path) -> list[str]:
+    return ["--pool", str(pool), "--tasks", str(TASKS), "--seeds", str(SEEDS), "--samples", str(SAMPLES),
+            "--steps", str(STEPS), "--curve-steps", "0,1,2,5", "--kid-subsets", "2", "--feature-epochs", "1",
+            "--threads", "1", "--device", "cpu", "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def evaluated(runs, pool, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("evaluate") / "out"
+    # maml twice under two names: identical init and rule must give identical scores (same shots and noise).
+    main([f"maml={runs['maml']}", f"maml_again={runs['maml']}", str(runs["metasgd"]),
+          "--baseline-rules", "adam:0.01", "sgd:0.05", *common_args(pool, out)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(evaluated) -> dict:
+    return json.loads((evaluated / "results.json").read_text())
+
+
+LABELS = ["maml (meta)", "maml_again (meta)", "metasgd (meta)", "scratch (adam:0.01)", "scratch (sgd:0.05)",
+          "pretrain-finetune (adam:0.01)", "pretrain-finetune (sgd:0.05)"]
+
+
+def test_every_method_is_scored_at_every_curve_step_over_tasks_and_seeds(report):
+    assert [row["label"] for row in report["methods"]] == LABELS
+    for row in report["methods"]:
+        assert sorted(map(int, row["steps"])) == CURVE
+        for step, summaries in row["steps"].items():
+            assert sorted(summaries) == sorted(METRICS)
+            for summary in summaries.values():
+                assert summary["n"] == TASKS * SEEDS and math.isfinite(summary["mean"]) and summary["std"] >= 0
+            per_task = row["kid_per_seed_and_task"][step]
+            assert len(per_task) == SEEDS and all(len(seed) == TASKS for seed in per_task)
+            assert summaries["kid"]["mean"] == pytest.approx(sum(map(sum, per_task)) / (TASKS * SEEDS))
+    settings = report["settings"]
+    assert settings["shots"] == SHOTS and settings["task_keys"] == Pool(settings["pool"]).keys("test")[:TASKS]
+
+
+def test_methods_see_the_same_shots_and_noise(report):
+    rows = {row["label"]: row for row in report["methods"]}
+    assert rows["maml (meta)"]["steps"] == rows["maml_again (meta)"]["steps"]
+    # The same pretrained init before any step, whatever rule adapts it afterwards.
+    pretrained = [rows[f"pretrain-finetune ({r})"]["steps"] for r in ("adam:0.01", "sgd:0.05")]
+    assert pretrained[0]["0"] == pretrained[1]["0"] and pretrained[0][str(STEPS)] != pretrained[1][str(STEPS)]
+    # Scratch draws a fresh init per seed: its two seeds differ at step 0.
+    first, second = rows["scratch (adam:0.01)"]["kid_per_seed_and_task"]["0"]
+    assert first != second
+
+
+def test_best_rows_and_ratios_follow_from_the_kid_at_s(report):
+    kid = {row["label"]: row["steps"][str(STEPS)]["kid"]["mean"] for row in report["methods"]}
+    for name, label in report["best"].items():
+        assert kid[label] == min(v for k, v in kid.items() if k.startswith(name + " ("))
+    ratios = report["kid_ratios"]
+    champion = ratios["best_meta_learned"]
+    assert kid[champion] == min(kid[label] for label in LABELS[:3])
+    for name in ("scratch", "pretrain-finetune"):
+        entry = ratios["vs"][name]
+        assert entry["ratio"] == pytest.approx(kid[champion] / kid[entry["baseline"]])
+
+
+def test_the_pretraining_budget_matches_the_first_checkpoints_compute(report, runs):
+    model = load_meta_learned(runs["maml"])
+    cfg = model.config
+    images = model.step * 1 * cfg.data.tasks_per_rank * (cfg.meta.inner_steps * cfg.data.shots + cfg.data.queries)
+    pretrain = report["settings"]["pretrain"]
+    assert (pretrain["images"], pretrain["batch"]) == (images, baselines.PRETRAIN_BATCH)
+    assert pretrain["steps"] == math.ceil(images / baselines.PRETRAIN_BATCH)
+
+
+def test_the_markdown_table_plot_grids_and_feature_cache_are_written(evaluated, report, pool):
+    table = (evaluated / "results.md").read_text()
+    for row in report["methods"]:
+        assert f"| {row['method']} | {row['rule']} |" in table
+    assert f"Best meta-learned row, {report['kid_ratios']['best_meta_learned']}" in table
+    with Image.open(evaluated / "kid_vs_steps.png") as plot:
+        assert plot.format == "PNG" and plot.size[0] > 400
+    grids = sorted(p.name for p in (evaluated / "grids").iterdir())
+    assert len(grids) == len(LABELS)
+    with Image.open(evaluated / "grids" / "maml_meta.png") as grid:  # TASKS rows of k shots + M samples
+        assert grid.size == ((SHOTS + SAMPLES) * 33 + 1, TASKS * 33 + 1)
+    assert (pool / "feature_net.pt").is_file()
+
+
+def test_pretraining_is_seeded_and_moves_the_parameters(runs, pool):
+    model = load_meta_learned(runs["maml"])
+    images = next(iter(Pool(pool).load_tasks("train").values()))
+    budget = baselines.PretrainBudget(images=12, batch=4, steps=3)
+    theta = baselines.random_init(model.config, IMAGE_SHAPE, seed=0)
+    first, second, other = (baselines.pretrain(model.learner, *theta, images, budget, 0.01, (0.5, 0.999), seed=s,
+                                               progress=False) for s in (1, 1, 2))
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert not torch.equal(first[0], other[0]) and not torch.equal(first[0], theta[0])
+
+
+def test_matched_budget_counts_real_images_of_all_ranks():
+    cfg = TrainConfig()
+    cfg.meta.inner_steps, cfg.data.shots, cfg.data.queries, cfg.data.tasks_per_rank = 2, 4, 5, 8
+    assert baselines.matched_budget(cfg, meta_steps=100, ranks=2, batch=64) == baselines.PretrainBudget(
+        images=100 * 2 * 8 * (2 * 4 + 5), batch=64, steps=math.ceil(20800 / 64))
+
+
+# ---- bad input ----
+
+def error_of(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(map(str, argv)))
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_checkpoints_of_different_architectures_are_named(pool, runs, tmp_path, capsys):
+    wide = train_tiny_run(pool, tmp_path / "wide", "model.width=24")
+    err = error_of(capsys, f"narrow={runs['maml']}", f"wide={wide}", *common_args(pool, tmp_path / "o"))
+    assert f"checkpoint {load_meta_learned(wide).folder} (wide)" in err and "compare inits of one architecture" in err
+
+
+def test_duplicate_names_a_baseline_rule_meta_and_short_tasks_are_errors(pool, runs, tmp_path, capsys):
+    args = common_args(pool, tmp_path / "o")
+    assert "checkpoint names must be unique" in error_of(capsys, runs["maml"], runs["maml"], *args)
+    assert "baselines have no meta-learned inner rule" in error_of(capsys, runs["maml"], "--baseline-rules", "meta", *args)
+    err = error_of(capsys, runs["maml"], *args, "--shots", "9")
+    assert "has 12 images; evaluating with k=9 shots needs at least 13" in err
+
+
+def test_a_pool_of_another_image_shape_is_named(runs, tmp_path, capsys):
+    other = write_tiny_pool(tmp_path / "big", tasks=4, size=64)
+    err = error_of(capsys, runs["maml"], *common_args(other, tmp_path / "o"))
+    assert f"pool {other} holds (1, 64, 64) images but the checkpoints' models make {IMAGE_SHAPE}" in err
