@@ -100,7 +100,8 @@ def plot_kid_curves(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     settings = report["settings"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    lowest = math.inf
     for row in report["methods"]:
         steps = sorted(int(s) for s in row["steps"])
         kid = [row["steps"][str(s)]["kid"] for s in steps]
@@ -109,15 +110,18 @@ def plot_kid_curves(report: dict, path: Path) -> None:
         style = "-" if row["kind"] == "meta-learned" else "--"
         (line,) = ax.plot(steps, mean, style, marker="o", markersize=4, label=row["label"])
         ax.fill_between(steps, mean - error, mean + error, color=line.get_color(), alpha=0.15)
+        lowest = min(lowest, float((mean - error).min()))
     ax.axvline(settings["steps"], color="grey", linewidth=0.8, linestyle=":")
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xticks(steps, [str(s) for s in steps])
     ax.set_xlim(-0.2, steps[-1] * 1.2)
     ax.set_xlabel("adaptation steps")
+    if lowest > 0:  # methods can differ by orders of magnitude; the unbiased KID can dip below 0, though
+        ax.set_yscale("log")
     ax.set_ylabel("KID (lower is better)")
     ax.set_title(f"{Path(settings['pool']).name}: k = {settings['shots']} shots, {settings['tasks']} tasks x "
                  f"{len(settings['seeds'])} seeds (band: ± 1 s.e.)", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
