@@ -44,8 +44,9 @@ def common_args(pool: Path, out: Path) -> list[str]:
 def evaluated(runs, pool, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("evaluate") / "out"
     # maml twice under two names: identical init and rule must give identical scores (same shots and noise).
+    # sgd:1e+30 makes scratch diverge (NaN parameters): reported as such, not a crash, and never "best".
     main([f"maml={runs['maml']}", f"maml_again={runs['maml']}", str(runs["metasgd"]),
-          "--baseline-rules", "adam:0.01", "sgd:0.05", *common_args(pool, out)])
+          "--baseline-rules", "adam:0.01", "sgd:0.05", "sgd:1e30", *common_args(pool, out)])
     return out
 
 
@@ -55,7 +56,9 @@ def report(evaluated) -> dict:
 
 
 LABELS = ["maml (meta)", "maml_again (meta)", "metasgd (meta)", "scratch (adam:0.01)", "scratch (sgd:0.05)",
-          "pretrain-finetune (adam:0.01)", "pretrain-finetune (sgd:0.05)"]
+          "scratch (sgd:1e+30)", "pretrain-finetune (adam:0.01)", "pretrain-finetune (sgd:0.05)",
+          "pretrain-finetune (sgd:1e+30)"]
+DIVERGED = "scratch (sgd:1e+30)"
 
 
 def test_every_method_is_scored_at_every_curve_step_over_tasks_and_seeds(report):
@@ -64,11 +67,16 @@ def test_every_method_is_scored_at_every_curve_step_over_tasks_and_seeds(report)
         assert sorted(map(int, row["steps"])) == CURVE
         for step, summaries in row["steps"].items():
             assert sorted(summaries) == sorted(METRICS)
-            for summary in summaries.values():
-                assert summary["n"] == TASKS * SEEDS and math.isfinite(summary["mean"]) and summary["std"] >= 0
             per_task = row["kid_per_seed_and_task"][step]
             assert len(per_task) == SEEDS and all(len(seed) == TASKS for seed in per_task)
-            assert summaries["kid"]["mean"] == pytest.approx(sum(map(sum, per_task)) / (TASKS * SEEDS))
+            for summary in summaries.values():
+                assert summary["n"] == TASKS * SEEDS
+                if row["label"] == DIVERGED and step == str(STEPS):
+                    assert (summary["mean"], summary["std"], summary["diverged"]) == (None, None, TASKS * SEEDS)
+                elif step == "0" or "1e+30" not in row["rule"]:
+                    assert math.isfinite(summary["mean"]) and summary["std"] >= 0 and summary["diverged"] == 0
+            if summaries["kid"]["mean"] is not None:
+                assert summaries["kid"]["mean"] == pytest.approx(sum(map(sum, per_task)) / (TASKS * SEEDS))
     settings = report["settings"]
     assert settings["shots"] == SHOTS and settings["task_keys"] == Pool(settings["pool"]).keys("test")[:TASKS]
 
@@ -86,8 +94,10 @@ def test_methods_see_the_same_shots_and_noise(report):
 
 def test_best_rows_and_ratios_follow_from_the_kid_at_s(report):
     kid = {row["label"]: row["steps"][str(STEPS)]["kid"]["mean"] for row in report["methods"]}
+    assert sorted(report["best"]) == ["maml", "maml_again", "metasgd", "pretrain-finetune", "scratch"]
     for name, label in report["best"].items():
-        assert kid[label] == min(v for k, v in kid.items() if k.startswith(name + " ("))
+        assert label != DIVERGED
+        assert kid[label] == min(v for k, v in kid.items() if k.startswith(name + " (") and v is not None)
     ratios = report["kid_ratios"]
     champion = ratios["best_meta_learned"]
     assert kid[champion] == min(kid[label] for label in LABELS[:3])
@@ -110,6 +120,7 @@ def test_the_markdown_table_plot_grids_and_feature_cache_are_written(evaluated, 
     for row in report["methods"]:
         assert f"| {row['method']} | {row['rule']} |" in table
     assert f"Best meta-learned row, {report['kid_ratios']['best_meta_learned']}" in table
+    assert f"| scratch | sgd:1e+30 | diverged ({TASKS * SEEDS}/{TASKS * SEEDS}) |" in table
     with Image.open(evaluated / "kid_vs_steps.png") as plot:
         assert plot.format == "PNG" and plot.size[0] > 400
     grids = sorted(p.name for p in (evaluated / "grids").iterdir())

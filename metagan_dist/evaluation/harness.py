@@ -8,6 +8,7 @@ held-out images in the feature space of the task classifier.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -131,7 +132,12 @@ def evaluate(
 
 
 def score(real: Tensor, fake: Tensor, kid_subsets: int, seed: int) -> dict[str, float]:
-    """Every metric of fake features [M, d] against real features [N, d] of one task."""
+    """Every metric of fake features [M, d] against real features [N, d] of one task.
+
+    Samples of a diverged adaptation (NaN/inf parameters) have non-finite features: every metric is NaN then.
+    """
+    if not torch.isfinite(fake).all():
+        return {name: math.nan for name in METRICS}
     precision, recall = precision_recall(real, fake, k=PR_NEIGHBOURS)
     return {
         "kid": kid(real, fake, subsets=kid_subsets, seed=seed)[0],

@@ -15,17 +15,22 @@ FORMATS = {"kid": ".3g", "fid": ".3g", "precision": ".2f", "recall": ".2f", "div
 KID_UNIT = 1e3
 
 
-def summarise(values: list[list[float]]) -> dict[str, float]:
-    """Mean and population standard deviation over all (seed, task) values, and their count."""
+def summarise(values: list[list[float]]) -> dict[str, float | int | None]:
+    """Mean and population standard deviation over all (seed, task) values, their count, and how many diverged.
+
+    A diverged adaptation (NaN) fails the method there: mean and std are then None, not a mean of the rest.
+    """
     flat = np.asarray(values, dtype=np.float64).ravel()
-    return {"mean": float(flat.mean()), "std": float(flat.std()), "n": int(flat.size)}
+    diverged = int(np.isnan(flat).sum())
+    mean, std = (None, None) if diverged else (float(flat.mean()), float(flat.std()))
+    return {"mean": mean, "std": std, "n": int(flat.size), "diverged": diverged}
 
 
 def build_report(methods: list[Method], scores: dict[str, MethodScores], step: int, settings: dict[str, Any]) -> dict:
     """The JSON record: settings, every method's summaries per step count (and per-task KID), the best rows.
 
-    `best` names, per method name, the row (rule) with the lowest mean KID after `step` steps;
-    `kid_ratios` divides the best meta-learned row's KID by each baseline's best.
+    `best` names, per method name, the row (rule) with the lowest mean KID after `step` steps (rows that
+    diverged on any task are out); `kid_ratios` divides the best meta-learned row's KID by each baseline's best.
     """
     rows = []
     for method in methods:
@@ -39,6 +44,8 @@ def build_report(methods: list[Method], scores: dict[str, MethodScores], step: i
     kid_at = {row["label"]: row["steps"][str(step)]["kid"]["mean"] for row in rows}
     best: dict[str, str] = {}
     for row in rows:
+        if kid_at[row["label"]] is None:
+            continue
         if row["method"] not in best or kid_at[row["label"]] < kid_at[best[row["method"]]]:
             best[row["method"]] = row["label"]
     learned = [label for name, label in best.items() if _kind(rows, label) == "meta-learned"]
@@ -79,16 +86,22 @@ def markdown(report: dict) -> str:
     lines += ["", "Mean KID (in thousands) after each number of adaptation steps:", "",
               "| method | rule | " + " | ".join(str(s) for s in curve) + " |", "|---|---|" + "---|" * len(curve)]
     for row in rows:
-        cells = [format(row["steps"][str(s)]["kid"]["mean"] / KID_UNIT, ".3g") for s in curve]
+        cells = [_mean(row["steps"][str(s)]["kid"], KID_UNIT) for s in curve]
         lines.append(f"| {row['method']} | {row['rule']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _mean(summary: dict, unit: float) -> str:
+    return "diverged" if summary["mean"] is None else format(summary["mean"] / unit, ".3g")
 
 
 def _heading(metric: str) -> str:
     return {"kid": "KID (thousands) ↓", "fid": "FID ↓", "precision": "precision ↑", "recall": "recall ↑", "diversity": "diversity"}[metric]
 
 
-def _cell(summary: dict[str, float], fmt: str, unit: float) -> str:
+def _cell(summary: dict, fmt: str, unit: float) -> str:
+    if summary["mean"] is None:
+        return f"diverged ({summary['diverged']}/{summary['n']})"
     return f"{format(summary['mean'] / unit, fmt)} ± {format(summary['std'] / unit, fmt)}"
 
 
@@ -105,12 +118,12 @@ def plot_kid_curves(report: dict, path: Path) -> None:
     for row in report["methods"]:
         steps = sorted(int(s) for s in row["steps"])
         kid = [row["steps"][str(s)]["kid"] for s in steps]
-        mean = np.array([k["mean"] for k in kid])
-        error = np.array([k["std"] / math.sqrt(k["n"]) for k in kid])
+        mean = np.array([math.nan if k["mean"] is None else k["mean"] for k in kid])  # a diverged step is a gap
+        error = np.array([math.nan if k["std"] is None else k["std"] / math.sqrt(k["n"]) for k in kid])
         style = "-" if row["kind"] == "meta-learned" else "--"
         (line,) = ax.plot(steps, mean, style, marker="o", markersize=4, label=row["label"])
         ax.fill_between(steps, mean - error, mean + error, color=line.get_color(), alpha=0.15)
-        lowest = min(lowest, float((mean - error).min()))
+        lowest = min(lowest, float(np.nanmin(mean - error, initial=math.inf)))
     ax.axvline(settings["steps"], color="grey", linewidth=0.8, linestyle=":")
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xticks(steps, [str(s) for s in steps])
