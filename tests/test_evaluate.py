@@ -175,3 +175,10 @@ def test_a_pool_of_another_image_shape_is_named(runs, tmp_path, capsys):
     other = write_tiny_pool(tmp_path / "big", tasks=4, size=64)
     err = error_of(capsys, runs["maml"], *common_args(other, tmp_path / "o"))
     assert f"pool {other} holds (1, 64, 64) images but the checkpoints' models make {IMAGE_SHAPE}" in err
+
+
+def test_baselines_default_to_the_first_checkpoints_inner_rule(pool, runs, tmp_path):
+    out = tmp_path / "o"
+    main([str(runs["maml"]), "--baselines", "scratch", *common_args(pool, out)])
+    labels = [row["label"] for row in json.loads((out / "results.json").read_text())["methods"]]
+    assert labels == ["maml (meta)", "scratch (sgd:0.05)"]  # tiny runs use meta.inner_lr=0.05

@@ -13,7 +13,8 @@ Methods: each checkpoint (adapted with --rules, default its meta-learned inner r
 random init of the same architecture (a fresh one per seed); `pretrain-finetune`, one GAN trained
 with Adam on the union of the meta-train tasks for the same compute as the first checkpoint's
 meta-training (the same number of real-image evaluations: meta-steps x ranks x tasks per rank x
-(inner steps x k + q)), from its initial weights. Baselines adapt with each of --baseline-rules.
+(inner steps x k + q)), from its initial weights. Baselines adapt with each of --baseline-rules
+(default: plain SGD at the first checkpoint's meta.inner_lr, the same rule as its meta-learned init).
 
 Writes OUT/results.json, OUT/results.md, OUT/kid_vs_steps.png and OUT/grids/<method>.png.
 """
@@ -65,8 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="rules the checkpoints adapt with: meta (the learned inner rule), sgd:LR, adam:LR (default: meta)")
     parser.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES,
                         help="baselines to run (default: both; give none for none)")
-    parser.add_argument("--baseline-rules", nargs="+", default=["adam:0.001"], metavar="RULE",
-                        help="rules the baselines adapt with, each its own row: sgd:LR, adam:LR (default: adam:0.001)")
+    parser.add_argument("--baseline-rules", nargs="+", metavar="RULE",
+                        help="rules the baselines adapt with, each its own row: sgd:LR, adam:LR (default: sgd at the "
+                             "first checkpoint's meta.inner_lr, the rule its meta-learned init adapts with)")
     parser.add_argument("--pretrain-batch", type=int, default=baselines.PRETRAIN_BATCH,
                         help=f"images per pretraining step; the step count follows from the budget (default: {baselines.PRETRAIN_BATCH})")
     parser.add_argument("--kid-subsets", type=int, default=20, help="random subsets averaged per KID estimate (default: 20)")
@@ -126,8 +128,10 @@ def build_methods(
 
     images: the meta-train images uint8 [N, C, H, W] that `pretrain-finetune` is pretrained on.
     """
+    _, reference = loaded[0]
+    config, shape = reference.config, reference.image_shape
     rules = [parse_rule(spec) for spec in args.rules]
-    baseline_rules = [parse_rule(spec) for spec in args.baseline_rules]
+    baseline_rules = [parse_rule(spec) for spec in args.baseline_rules or [f"sgd:{config.meta.inner_lr}"]]
     if any(rule.kind == "meta" for rule in baseline_rules):
         raise ValueError("--baseline-rules: baselines have no meta-learned inner rule; use sgd:LR or adam:LR")
     methods = []
@@ -136,8 +140,6 @@ def build_methods(
             methods.append(Method(name, "meta-learned", model.learner, rule,
                                   init=lambda seed, m=model: (m.theta_g, m.theta_d),
                                   source=f"{model.folder} (step {model.step})", inner_lrs=model.inner_lrs))
-    _, reference = loaded[0]
-    config, shape = reference.config, reference.image_shape
     pretrain_record = None
     if "scratch" in args.baselines:
         for rule in baseline_rules:
