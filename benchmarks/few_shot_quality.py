@@ -52,7 +52,8 @@ ALGORITHM_TRAIN = {"metasgd": {"meta.inner_clip": 1.0}}
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=".out/few_shot", help="results folder (default: .out/few_shot)")
-    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
+    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS,
+                        help="algorithms to meta-train and compare (default: all four)")
     parser.add_argument("--meta-steps", type=int, default=600, help="meta-steps per algorithm (default: 600)")
     parser.add_argument("--tasks", type=int, default=60, help="meta-test tasks evaluated, of 119 (default: 60)")
     parser.add_argument("--seeds", type=int, default=3, help="evaluation seeds (default: 3)")
