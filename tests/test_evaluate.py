@@ -52,7 +52,10 @@ def evaluated(runs, pool, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def report(evaluated) -> dict:
-    return json.loads((evaluated / "results.json").read_text())
+    def no_constants(name: str):
+        raise AssertionError(f"results.json holds {name}, which is not JSON")
+
+    return json.loads((evaluated / "results.json").read_text(), parse_constant=no_constants)
 
 
 LABELS = ["maml (meta)", "maml_again (meta)", "metasgd (meta)", "scratch (adam:0.01)", "scratch (sgd:0.05)",
@@ -73,6 +76,7 @@ def test_every_method_is_scored_at_every_curve_step_over_tasks_and_seeds(report)
                 assert summary["n"] == TASKS * SEEDS
                 if row["label"] == DIVERGED and step == str(STEPS):
                     assert (summary["mean"], summary["std"], summary["diverged"]) == (None, None, TASKS * SEEDS)
+                    assert per_task == [[None] * TASKS] * SEEDS
                 elif step == "0" or "1e+30" not in row["rule"]:
                     assert math.isfinite(summary["mean"]) and summary["std"] >= 0 and summary["diverged"] == 0
             if summaries["kid"]["mean"] is not None:

@@ -39,7 +39,7 @@ def build_report(methods: list[Method], scores: dict[str, MethodScores], step: i
             "label": method.label, "method": method.name, "kind": method.kind, "rule": str(method.rule),
             "source": method.source,
             "steps": {str(s): {m: summarise(values[s][m]) for m in METRICS} for s in sorted(values)},
-            "kid_per_seed_and_task": {str(s): values[s]["kid"] for s in sorted(values)},
+            "kid_per_seed_and_task": {str(s): _json_floats(values[s]["kid"]) for s in sorted(values)},
         })
     kid_at = {row["label"]: row["steps"][str(step)]["kid"]["mean"] for row in rows}
     best: dict[str, str] = {}
@@ -57,6 +57,11 @@ def build_report(methods: list[Method], scores: dict[str, MethodScores], step: i
             for name, label in best.items() if _kind(rows, label) == "baseline"
         }}
     return {"settings": settings, "methods": rows, "best": best, "kid_ratios": ratios}
+
+
+def _json_floats(values: list[list[float]]) -> list[list[float | None]]:
+    """NaN (a diverged task) as None: JSON has no NaN."""
+    return [[None if math.isnan(v) else v for v in seed] for seed in values]
 
 
 def _kind(rows: list[dict], label: str) -> str:
