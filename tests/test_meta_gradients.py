@@ -134,7 +134,7 @@ def test_batched_matches_per_task_loop(arch, algorithm, objective, loss):
 @pytest.mark.parametrize("arch", ["mlp", "dcgan"])
 def test_metasgd_rate_gradients_match_finite_differences(arch):
     G, D = tiny_pair(arch)
-    cfg = MetaConfig(algorithm="metasgd", inner_steps=2, inner_lr=0.1)
+    cfg = MetaConfig(algorithm="metasgd", objective="seed", inner_steps=2, inner_lr=0.1)
     batch = make_batch(G, 2)
     n_g, n_d = flat_params(G).numel(), flat_params(D).numel()
     lr_g, lr_d = torch.full((n_g,), 0.1, dtype=torch.float64), torch.full((n_d,), 0.1, dtype=torch.float64)

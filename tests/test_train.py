@@ -1,0 +1,151 @@
+"""launch/train.py end to end: config errors, outputs, bit-exact resume, signals, crashes, DeepSpeed."""
+
+import dataclasses
+import json
+import signal
+
+import pytest
+import torch
+
+from metagan_dist.config import TrainConfig, load_config
+from train_utils import (
+    finish, latest_step, make_tiny_pool, meta_parameters, send, tiny_run_args, torchrun, train,
+    wait_for_checkpoint, worker_pid,
+)
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    return make_tiny_pool(tmp_path_factory.mktemp("pool") / "tiny")
+
+
+def every_key():
+    for section in dataclasses.fields(TrainConfig):
+        for f in dataclasses.fields(section.default_factory()):
+            yield f"{section.name}.{f.name}"
+
+
+def test_help_documents_every_option():
+    result = train(["--help"])
+    assert result.returncode == 0
+    for key in every_key():
+        assert key in result.stdout, key
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [("meta.inner_stepz=2", "unknown config key 'meta.inner_stepz'"),
+     ("run.steps=many", "bad value for config key 'run.steps'"),
+     ("meta.loss=lsgan", "unknown loss 'lsgan'"),
+     ("engine.name=jax", "unknown engine.name 'jax'")],
+)
+def test_bad_configuration_is_one_clear_error(override, message, tmp_path):
+    result = train([override, f"run.out_dir={tmp_path}"])
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "launch" / "configs").glob("*.yaml"))
+    assert len(configs) >= 5
+    for path in configs:
+        assert isinstance(load_config(path), TrainConfig)
+
+
+def test_missing_pool_is_one_clear_error(tmp_path):
+    result = train(tiny_run_args(tmp_path / "nowhere", tmp_path / "run", 2))
+    assert result.returncode == 2
+    assert "nowhere" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_run_writes_its_outputs(pool, tmp_path):
+    out = tmp_path / "run"
+    result = train(tiny_run_args(pool, out, 4, **{"run.sample_every": 2, "run.checkpoint_every": 2}))
+    assert result.returncode == 0, result.stderr
+    assert "finished at step 4/4" in result.stdout
+    assert (out / "config.yaml").is_file()
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4]
+    assert {"loss_g", "loss_d", "tasks_per_s", "meta_grad_norm"} <= lines[0].keys()
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == [
+        "step-00000000.png", "step-00000002.png", "step-00000004.png"]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert latest_step(out) == 4
+
+
+@pytest.mark.parametrize("algorithm,workers", [("maml", 0), ("metasgd", 1), ("reptile", 0)])
+def test_interrupted_and_resumed_run_is_bit_identical(pool, tmp_path, algorithm, workers):
+    args = {"meta.algorithm": algorithm, "data.workers": workers, "run.checkpoint_every": 3}
+    straight = tmp_path / "straight"
+    assert train(tiny_run_args(pool, straight, 7, **args)).returncode == 0
+    resumed = tmp_path / "resumed"
+    assert train(tiny_run_args(pool, resumed, 3, **args)).returncode == 0
+    second = train(tiny_run_args(pool, resumed, 7, **args))
+    assert second.returncode == 0, second.stderr
+    assert "resumed from" in second.stderr and "at step 3" in second.stderr
+    a, b = meta_parameters(straight), meta_parameters(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_with_an_incompatible_config_is_refused(pool, tmp_path):
+    out = tmp_path / "run"
+    assert train(tiny_run_args(pool, out, 2)).returncode == 0
+    result = train(tiny_run_args(pool, out, 4, **{"meta.algorithm": "reptile", "data.shots": 4}))
+    assert result.returncode == 2
+    assert "data.shots, meta.algorithm" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_a_signal_to_one_rank_stops_every_rank_at_a_checkpoint(pool, tmp_path, sig):
+    out = tmp_path / "run"
+    process = torchrun(tiny_run_args(pool, out, 100_000, **{"run.checkpoint_every": 2}))
+    wait_for_checkpoint(out, 2, process)
+    send(worker_pid(process.pid, rank=1), sig)
+    code, output = finish(process)
+    assert code == 0, output[-3000:]
+    assert "stop signal received" in output
+    stopped = latest_step(out)
+    assert 2 <= stopped < 100_000
+    assert f"stopped at step {stopped}/100000" in output
+    state = torch.load(out / "checkpoints" / f"step-{stopped:08d}" / "trainer.pt", weights_only=False)
+    assert state["step"] == stopped and len(state["ranks"]) == 2
+
+
+@pytest.mark.slow
+def test_a_killed_rank_restarts_from_the_last_checkpoint(pool, tmp_path):
+    out = tmp_path / "run"
+    steps = 400
+    process = torchrun(tiny_run_args(pool, out, steps, **{"run.checkpoint_every": 4}), extra=("--max-restarts=1",))
+    wait_for_checkpoint(out, 8, process)
+    killed_after = latest_step(out)
+    send(worker_pid(process.pid, rank=1), signal.SIGKILL)
+    code, output = finish(process)
+    assert code == 0, output[-3000:]
+    resumed = [int(line.rsplit(" ", 1)[1]) for line in output.splitlines() if "resumed from" in line]
+    assert len(resumed) == 1 and resumed[0] >= killed_after  # lost at most the steps since that checkpoint
+    assert latest_step(out) == steps
+
+
+@pytest.mark.slow
+def test_deepspeed_engine_matches_the_torch_engine(pool, tmp_path):
+    """ZeRO-2 on 2 gloo ranks, with a save/resume half way, against Adam on the same tasks (no clipping)."""
+    common = {"run.checkpoint_every": 2, "optim.lr": 1e-2}
+    torch_run = tmp_path / "torch"
+    code, output = finish(torchrun(tiny_run_args(pool, torch_run, 6, **common)))
+    assert code == 0, output[-3000:]
+    ds_run = tmp_path / "deepspeed"
+    ds = {**common, "engine.name": "deepspeed", "engine.deepspeed_config": "launch/configs/deepspeed_zero2.json"}
+    code, output = finish(torchrun(tiny_run_args(pool, ds_run, 3, **ds)), timeout=900)  # may JIT-compile an op
+    assert code == 0, output[-3000:]
+    code, output = finish(torchrun(tiny_run_args(pool, ds_run, 6, **ds)))
+    assert code == 0 and "resumed from" in output, output[-3000:]
+    a, b = meta_parameters(torch_run), meta_parameters(ds_run)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    earlier = meta_parameters(torch_run / "checkpoints" / "step-00000002")
+    assert not torch.equal(a["generator"], earlier["generator"])  # the engines really stepped

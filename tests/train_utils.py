@@ -1,0 +1,109 @@
+"""Helpers for end-to-end training tests: a tiny pool and launch/train.py in subprocesses (tests only)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from metagan_dist.data import write_pool
+from metagan_dist.data.arrays import array_source
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = str(REPO / "launch" / "train.py")
+
+
+def make_tiny_pool(folder: Path) -> Path:
+    """40 tasks x 12 images of 1x8x8 (each task a noisy blob at its own place), 2 tasks per shard."""
+    rng = np.random.default_rng(0)
+    images, labels = [], []
+    for task in range(40):
+        centre = rng.integers(2, 6, size=2)
+        yy, xx = np.mgrid[:8, :8]
+        blob = np.exp(-((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) / 3.0)
+        for _ in range(12):
+            images.append((255 * np.clip(blob + 0.1 * rng.random((8, 8)), 0, 1)).astype(np.uint8))
+            labels.append(task)
+    source = array_source(np.stack(images), np.array(labels), size=8, test_fraction=0.2)
+    write_pool(source, folder, command="tests: make_tiny_pool", maxcount=2)
+    return folder
+
+
+def tiny_run_args(pool: Path, out_dir: Path, steps: int, **overrides: object) -> list[str]:
+    """key=value overrides for a fast run on the tiny pool."""
+    values = {
+        "data.pool": pool, "model.arch": "mlp", "model.width": 16, "model.z_dim": 8, "data.shots": 3,
+        "data.queries": 3, "data.tasks_per_rank": 2, "data.workers": 0, "data.batches_per_epoch": 4,
+        "data.sample_tasks": 2, "run.threads": 1, "run.steps": steps, "run.out_dir": out_dir, "run.log_every": 1,
+        "run.sample_every": 1000, "run.checkpoint_every": 1000, "run.device": "cpu",
+        "meta.inner_steps": 2, "meta.inner_lr": 0.05,
+    }
+    values.update(overrides)
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def train(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """One process: python launch/train.py ARGS."""
+    return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def torchrun(args: list[str], nproc: int = 2, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    """torchrun --standalone --nproc_per_node=N launch/train.py ARGS, started in the background."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               *extra, TRAIN, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
+
+
+def finish(process: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+        raise AssertionError(f"timed out after {timeout} s; output:\n{output[-4000:]}")
+    return process.returncode, output
+
+
+def latest_step(out_dir: Path) -> int:
+    pointer = out_dir / "checkpoints" / "LATEST"
+    return int(pointer.read_text().split("-")[1]) if pointer.exists() else 0
+
+
+def wait_for_checkpoint(out_dir: Path, step: int, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while latest_step(out_dir) < step:
+        if process.poll() is not None:
+            raise AssertionError(f"training ended (code {process.returncode}) before checkpoint {step}:\n"
+                                 f"{process.stdout.read()[-4000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no checkpoint at step {step} after {timeout} s")
+        time.sleep(0.2)
+
+
+def worker_pid(agent_pid: int, rank: int) -> int:
+    """PID of the torchrun worker with RANK=rank among the agent's children."""
+    children = Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split()
+    for pid in children:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no worker with RANK={rank} among {children}")
+
+
+def send(pid: int, sig: signal.Signals) -> None:
+    os.kill(pid, sig)
+
+
+def meta_parameters(out_dir: Path) -> dict[str, torch.Tensor]:
+    """The latest checkpoint's meta-parameters, whichever engine wrote them."""
+    from metagan_dist.checkpoint import resolve_checkpoint
+    from metagan_dist.engine import load_meta_parameters
+
+    return load_meta_parameters(resolve_checkpoint(out_dir)).state_dict()
