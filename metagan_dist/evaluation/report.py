@@ -13,6 +13,7 @@ from metagan_dist.evaluation.harness import METRICS, Method, MethodScores
 FORMATS = {"kid": ".3g", "fid": ".3g", "precision": ".2f", "recall": ".2f", "diversity": ".3g"}
 # Markdown shows KID / 1000: the task classifier's features are large (norms near 100), and so is the cubic kernel.
 KID_UNIT = 1e3
+Y_CEILING = 3.0  # the plot's y axis ends at this multiple of the highest KID before adaptation
 
 
 def summarise(values: list[list[float]]) -> dict[str, float | int | None]:
@@ -111,7 +112,11 @@ def _cell(summary: dict, fmt: str, unit: float) -> str:
 
 
 def plot_kid_curves(report: dict, path: Path) -> None:
-    """KID (mean, band ± one standard error over tasks x seeds) against adaptation steps, one line per row."""
+    """KID (mean, band ± one standard error over tasks x seeds) against adaptation steps, one line per row.
+
+    The y axis stops at Y_CEILING x the highest KID before adaptation, so one diverging row cannot
+    flatten the others; the title says so when a curve leaves the top.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,16 +124,20 @@ def plot_kid_curves(report: dict, path: Path) -> None:
 
     settings = report["settings"]
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    lowest = math.inf
-    for row in report["methods"]:
+    colours = plt.get_cmap("tab20").colors
+    lowest, highest, first_highest = math.inf, -math.inf, -math.inf
+    for index, row in enumerate(report["methods"]):
         steps = sorted(int(s) for s in row["steps"])
         kid = [row["steps"][str(s)]["kid"] for s in steps]
         mean = np.array([math.nan if k["mean"] is None else k["mean"] for k in kid])  # a diverged step is a gap
         error = np.array([math.nan if k["std"] is None else k["std"] / math.sqrt(k["n"]) for k in kid])
         style = "-" if row["kind"] == "meta-learned" else "--"
-        (line,) = ax.plot(steps, mean, style, marker="o", markersize=4, label=row["label"])
-        ax.fill_between(steps, mean - error, mean + error, color=line.get_color(), alpha=0.15)
+        colour = colours[index % len(colours)]
+        ax.plot(steps, mean, style, color=colour, marker="o", markersize=4, label=row["label"])
+        ax.fill_between(steps, mean - error, mean + error, color=colour, alpha=0.15)
         lowest = min(lowest, float(np.nanmin(mean - error, initial=math.inf)))
+        highest = max(highest, float(np.nanmax(mean + error, initial=-math.inf)))
+        first_highest = max(first_highest, float(np.nan_to_num(mean[0], nan=-math.inf)))
     ax.axvline(settings["steps"], color="grey", linewidth=0.8, linestyle=":")
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xticks(steps, [str(s) for s in steps])
@@ -136,9 +145,13 @@ def plot_kid_curves(report: dict, path: Path) -> None:
     ax.set_xlabel("adaptation steps")
     if lowest > 0:  # methods can differ by orders of magnitude; the unbiased KID can dip below 0, though
         ax.set_yscale("log")
+    note = ""
+    if first_highest > 0 and highest > Y_CEILING * first_highest:
+        ax.set_ylim(top=Y_CEILING * first_highest)
+        note = f"; curves leaving the top exceed {Y_CEILING:g}x the highest initial KID"
     ax.set_ylabel("KID (lower is better)")
     ax.set_title(f"{Path(settings['pool']).name}: k = {settings['shots']} shots, {settings['tasks']} tasks x "
-                 f"{len(settings['seeds'])} seeds (band: ± 1 s.e.)", fontsize=10)
+                 f"{len(settings['seeds'])} seeds (band: ± 1 s.e.{note})", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
     fig.tight_layout()
