@@ -12,11 +12,11 @@ from PIL import Image
 
 from metagan_dist import MetaConfig, build_pair
 from metagan_dist.checkpoint import load_trainer_state
+from metagan_dist.config import ModelConfig
 from metagan_dist.data import Pool
 from metagan_dist.evaluation.adapt import main
 from metagan_dist.evaluation.checkpoint_model import infer_image_shape, load_meta_learned
 from metagan_dist.evaluation.rules import Rule, parse_rule, start_adaptation
-from metagan_dist.config import ModelConfig
 from metagan_dist.meta import MetaLearner
 from tiny_run import IMAGE_SHAPE, SHOTS, Z_DIM, train_tiny_run, write_tiny_pool
 

@@ -19,11 +19,10 @@ from tqdm import tqdm
 
 from metagan_dist.config import TrainConfig
 from metagan_dist.data import images_to_tensor
+from metagan_dist.evaluation.rules import AdamAdaptation
 from metagan_dist.flat import FlatLayout
 from metagan_dist.meta import MetaLearner
 from metagan_dist.models import build_pair
-
-from metagan_dist.evaluation.rules import AdamAdaptation
 
 PRETRAIN_BATCH = 64
 
