@@ -50,7 +50,14 @@ def init_distributed(device: str = "auto") -> DistContext:
     else:
         where = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=where if use_cuda else None)
+        store, _, _ = next(dist.rendezvous("env://", rank, world_size))
+        # Keys of each torchrun restart apart: a restarted rank must never read the address a
+        # killed rank of the previous attempt published (seen as "connection refused" on restart).
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo", store=dist.PrefixStore(f"metagan/attempt-{attempt}", store),
+            rank=rank, world_size=world_size, device_id=where if use_cuda else None,
+        )
     return DistContext(rank, world_size, local_rank, local_world_size, where)
 
 

@@ -58,16 +58,24 @@ def torchrun(args: list[str], nproc: int = 2, extra: tuple[str, ...] = ()) -> su
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                *extra, TRAIN, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
+    # Its own process group, so that finish() can stop the agent and every worker together.
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env,
+                            start_new_session=True)
 
 
 def finish(process: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
+    """Wait for a torchrun job; on timeout kill its whole process group and fail with its output."""
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        process.kill()
+        os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
         raise AssertionError(f"timed out after {timeout} s; output:\n{output[-4000:]}")
+    finally:
+        try:  # workers a failed agent left behind
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     return process.returncode, output
 
 
