@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
         engine.save(folder, ctx.is_main)
         if ctx.is_main:
             save_file_atomic({"version": CHECKPOINT_VERSION, "step": at, "config": to_dict(cfg), "ranks": ranks,
-                              "skipped_steps": skipped}, folder / "trainer.pt")
+                              "image_shape": list(pool.image_shape), "skipped_steps": skipped},
+                             folder / "trainer.pt")
         barrier()
         if ctx.is_main:
             monitor.write(f"checkpoint: {store.publish(at)}")

@@ -110,7 +110,12 @@ class MetaLearner:
         self.D = BatchedNet(discriminator, "discriminator")
         self.config = config
 
-    def _d_loss(self, theta_d: Tensor, real: Tensor, fake: Tensor, mix: Tensor) -> Tensor:
+    def g_loss(self, theta_g: Tensor, theta_d: Tensor, noise: Tensor) -> Tensor:
+        """L_G per task [T] of the inner loop: task copies [T, P], noise [T, n, z]."""
+        return generator_loss(self.config.loss, self.D(theta_d, self.G(theta_g, noise)))
+
+    def d_loss(self, theta_d: Tensor, real: Tensor, fake: Tensor, mix: Tensor) -> Tensor:
+        """L_D per task [T] of the inner loop, with wgan-gp's penalty (mix: its interpolation weights)."""
         real_logits, fake_logits = self.D(theta_d, real), self.D(theta_d, fake)
         loss = discriminator_loss(self.config.loss, real_logits, fake_logits)
         if self.config.loss == "wgan-gp":
@@ -136,14 +141,10 @@ class MetaLearner:
         tasks = support.shape[0]
         for z, m in zip(noise, mix):
             d_copies = _task_copies(theta_d, tasks)
-            grad_g = _partial_grad(
-                lambda a: generator_loss(self.config.loss, self.D(d_copies, self.G(a, z))),
-                _task_copies(theta_g, tasks),
-                create_graph,
-            )
+            grad_g = _partial_grad(lambda a: self.g_loss(a, d_copies, z), _task_copies(theta_g, tasks), create_graph)
             theta_g = inner_update(theta_g, grad_g, lr_g, self.config.inner_clip)
             fake = self.G(theta_g, z)
-            grad_d = _partial_grad(lambda a: self._d_loss(a, support, fake, m), d_copies, create_graph)
+            grad_d = _partial_grad(lambda a: self.d_loss(a, support, fake, m), d_copies, create_graph)
             theta_d = inner_update(theta_d, grad_d, lr_d, self.config.inner_clip)
         return theta_g, theta_d
 

@@ -12,10 +12,9 @@ from PIL import Image
 
 from metagan_dist import MetaConfig, build_pair
 from metagan_dist.checkpoint import load_trainer_state
-from metagan_dist.config import ModelConfig
 from metagan_dist.data import Pool
 from metagan_dist.evaluation.adapt import main
-from metagan_dist.evaluation.checkpoint_model import infer_image_shape, load_meta_learned
+from metagan_dist.evaluation.checkpoint_model import load_meta_learned
 from metagan_dist.evaluation.rules import Rule, parse_rule, start_adaptation
 from metagan_dist.meta import MetaLearner
 from tiny_run import IMAGE_SHAPE, SHOTS, Z_DIM, train_tiny_run, write_tiny_pool
@@ -219,13 +218,3 @@ def test_a_first_adam_step_moves_the_generator_by_lr_against_the_sign_of_its_gra
         -learner.D(theta_d[None], learner.G(t[None], noise[0]))).mean())(theta_g)
     moved = grad_g.abs() > 1e-3  # there g / (|g| + eps) is sign(g) to 1e-5
     torch.testing.assert_close(adaptation.generator[0][moved], (theta_g - 0.01 * grad_g.sign())[moved], rtol=0, atol=1e-6)
-
-
-@pytest.mark.parametrize("arch, shape", [("mlp", (1, 32, 32)), ("mlp", (3, 28, 28)), ("dcgan", (3, 64, 64))])
-def test_the_image_shape_is_recovered_from_the_parameter_counts(arch, shape):
-    model = ModelConfig(arch=arch, z_dim=16, width=8)
-    G, D = build_pair(arch, 16, shape, 8)
-    counts = sum(p.numel() for p in G.parameters()), sum(p.numel() for p in D.parameters())
-    assert infer_image_shape(model, *counts, Path("ckpt")) == shape
-    with pytest.raises(ValueError, match="ckpt: cannot tell the image shape"):
-        infer_image_shape(model, counts[0] + 1, counts[1], Path("ckpt"))

@@ -9,13 +9,10 @@ import torch
 from torch import Tensor
 
 from metagan_dist.checkpoint import load_trainer_state, resolve_checkpoint
-from metagan_dist.config import ModelConfig, TrainConfig, from_dict
+from metagan_dist.config import TrainConfig, from_dict
 from metagan_dist.engine import load_meta_parameters
 from metagan_dist.meta import MetaLearner
 from metagan_dist.models import build_pair
-
-# Square image sizes tried when recovering a checkpoint's image shape from its parameter counts.
-CANDIDATE_SIZES = range(1, 257)
 
 
 @dataclass
@@ -51,7 +48,7 @@ def load_meta_learned(path: str | Path, device: torch.device | str = "cpu") -> M
             f"{folder}: meta.algorithm is {config.meta.algorithm!r} but the checkpoint "
             f"{'holds' if params.generator_lr is not None else 'lacks'} Meta-SGD inner rates"
         )
-    image_shape = infer_image_shape(config.model, params.generator.numel(), params.discriminator.numel(), folder)
+    image_shape = tuple(state["image_shape"])
     generator, discriminator = build_pair(config.model.arch, config.model.z_dim, image_shape, config.model.width or None)
     learner = MetaLearner(generator.to(device), discriminator.to(device), config.meta)
     rates = params.inner_lrs()
@@ -66,31 +63,3 @@ def load_meta_learned(path: str | Path, device: torch.device | str = "cpu") -> M
         theta_d=params.discriminator.detach().to(device),
         inner_lrs=None if rates is None else tuple(r.detach().to(device) for r in rates),
     )
-
-
-def infer_image_shape(model: ModelConfig, generator_size: int, discriminator_size: int, where: Path) -> tuple[int, int, int]:
-    """The square (C, H, W) whose (G, D) pair of this config has exactly these parameter counts.
-
-    Checkpoints record the model config but not the image shape; C in {1, 3} and the size determine
-    both counts, and no two candidate shapes give the same pair of counts for the built-in architectures.
-    """
-    matches = []
-    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        for channels in (1, 3):
-            for size in CANDIDATE_SIZES:
-                try:
-                    g, d = build_pair(model.arch, model.z_dim, (channels, size, size), model.width or None)
-                except ValueError:  # e.g. DCGAN supports 32 and 64 only
-                    continue
-                if _count(g) == generator_size and _count(d) == discriminator_size:
-                    matches.append((channels, size, size))
-    if len(matches) != 1:
-        raise ValueError(
-            f"{where}: cannot tell the image shape of its {model.arch} model from its parameter counts "
-            f"(G {generator_size}, D {discriminator_size}): {len(matches)} candidate shapes {matches[:4]}"
-        )
-    return matches[0]
-
-
-def _count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

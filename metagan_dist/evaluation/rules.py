@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from metagan_dist.losses import generator_loss
 from metagan_dist.meta import MetaLearner
 from metagan_dist.sampling import meta_inner_rates
 
@@ -99,16 +98,14 @@ class AdamAdaptation:
 
     def advance(self, support: Tensor, noise: Tensor, mix: Tensor) -> None:
         """len(noise) more steps on support [T, k, C, H, W]; noise [S, T, n, z], mix [S, T, n]."""
-        G, D, loss = self.learner.G, self.learner.D, self.learner.config.loss
         with torch.enable_grad():
             for z, m in zip(noise, mix):
                 self.optim_g.zero_grad(set_to_none=True)
-                generator_loss(loss, D(self.discriminator, G(self._theta_g, z))).sum().backward()
+                self.learner.g_loss(self._theta_g, self.discriminator, z).sum().backward()
                 self.optim_g.step()
-                fake = G(self.generator, z)
+                fake = self.learner.G(self.generator, z)
                 self.optim_d.zero_grad(set_to_none=True)
-                # The discriminator loss (with wgan-gp's penalty) exactly as the inner loop computes it.
-                self.learner._d_loss(self._theta_d, support, fake, m).sum().backward()
+                self.learner.d_loss(self._theta_d, support, fake, m).sum().backward()
                 self.optim_d.step()
 
 
