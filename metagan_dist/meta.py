@@ -85,8 +85,12 @@ class MetaGradients:
 
 
 def _task_copies(theta: Tensor, tasks: int) -> Tensor:
-    """[T, P] task copies: a shared [P] vector broadcast (no copy), or the copies themselves."""
-    return theta.expand(tasks, -1) if theta.dim() == 1 else theta
+    """[T, P] task copies: a shared [P] vector copied T times, or the copies themselves.
+
+    Materialised once per step on purpose: a stride-0 broadcast would be copied again by every
+    batched matmul that reads it (BLAS cannot batch over a zero stride).
+    """
+    return theta.expand(tasks, -1).contiguous() if theta.dim() == 1 else theta
 
 
 def _partial_grad(loss_of: Callable[[Tensor], Tensor], theta: Tensor, create_graph: bool) -> Tensor:
