@@ -62,8 +62,13 @@ def init_distributed(device: str = "auto") -> DistContext:
 
 
 def shutdown() -> None:
-    """Leave the process group cleanly (a no-op for a world of one)."""
+    """Leave the process group cleanly (a no-op for a world of one).
+
+    The barrier first: a rank tearing down its connections while a peer still talks to it can
+    make gloo abort the peer.
+    """
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -109,14 +109,15 @@ class DeepSpeedEngine:
         if not path.is_file():
             raise FileNotFoundError(f"engine.deepspeed_config: {path} does not exist")
         ds_config = json.loads(path.read_text())
-        if "gradient_clipping" not in ds_config:
-            raise ValueError(
-                f"{path} must set gradient_clipping explicitly (DeepSpeed silently clips at 1.0 otherwise); "
-                f"use 0 for no clipping"
-            )
+        # Clipping and the outer optimizer come from our config, so both engines read the same keys;
+        # clipping is always set, since DeepSpeed silently clips at 1.0 when the JSON leaves it out.
+        clipping = ds_config.get("gradient_clipping", optim.grad_clip)
+        if clipping != optim.grad_clip:
+            raise ValueError(f"{path} sets gradient_clipping={clipping} but optim.grad_clip={optim.grad_clip}; "
+                             f"set clipping once, with optim.grad_clip")
+        ds_config["gradient_clipping"] = optim.grad_clip
         ds_config.setdefault("train_micro_batch_size_per_gpu", 1)
         ds_config.setdefault("gradient_accumulation_steps", 1)
-        # The outer optimizer's settings come from our config, so both engines read the same keys.
         ds_config["optimizer"] = {
             "type": "AdamW",
             "params": {"lr": optim.lr, "betas": [optim.beta1, optim.beta2], "weight_decay": optim.weight_decay,

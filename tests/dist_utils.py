@@ -19,6 +19,7 @@ def _worker(rank: int, world_size: int, fn, args, folder: str) -> None:
     try:
         result = fn(rank, world_size, *args)
         Path(folder, f"result-{rank}.pkl").write_bytes(pickle.dumps(result))
+        dist.barrier()  # nobody tears down its connections while a peer still uses them
     finally:
         dist.destroy_process_group()
 

@@ -17,14 +17,14 @@ from metagan_dist.evaluation.adapt import main
 from metagan_dist.evaluation.checkpoint_model import load_meta_learned
 from metagan_dist.evaluation.rules import Rule, parse_rule, start_adaptation
 from metagan_dist.meta import MetaLearner
-from tiny_run import IMAGE_SHAPE, SHOTS, Z_DIM, train_tiny_run, write_tiny_pool
+from train_utils import SHOTS, SQUARES_SHAPE, Z_DIM, make_square_pool, train_tiny_run
 
 PAD = 1  # save_grid's padding between images
 
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory) -> Path:
-    return write_tiny_pool(tmp_path_factory.mktemp("adapt") / "pool")
+    return make_square_pool(tmp_path_factory.mktemp("adapt") / "pool")
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_adapt_from_a_folder_writes_the_grid_and_the_weights(run, tmp_path, caps
     assert weights["generator"].shape == model.theta_g.shape and weights["discriminator"].shape == model.theta_d.shape
     assert not torch.equal(weights["generator"], model.theta_g)  # adapted, not the meta-learned init
     assert weights["shots"] == [str(images / f"img{i:02d}.png") for i in range(SHOTS)]
-    assert (weights["steps"], weights["rule"], weights["image_shape"]) == (3, "meta", list(IMAGE_SHAPE))
+    assert (weights["steps"], weights["rule"], weights["image_shape"]) == (3, "meta", list(SQUARES_SHAPE))
 
 
 def test_adapt_to_a_pool_task_with_meta_sgd_rates_and_adam(metasgd_run, pool, tmp_path):
@@ -160,13 +160,13 @@ def test_parse_rule_accepts_the_three_kinds_and_rejects_the_rest():
 
 @pytest.fixture
 def learner() -> MetaLearner:
-    G, D = build_pair("mlp", Z_DIM, IMAGE_SHAPE, 16)
+    G, D = build_pair("mlp", Z_DIM, SQUARES_SHAPE, 16)
     return MetaLearner(G, D, MetaConfig(inner_lr=0.05))
 
 
 def task_inputs(tasks: int = 2, steps: int = 4, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    support = torch.rand(tasks, SHOTS, *IMAGE_SHAPE, generator=g) * 2 - 1
+    support = torch.rand(tasks, SHOTS, *SQUARES_SHAPE, generator=g) * 2 - 1
     return support, torch.randn(steps, tasks, SHOTS, Z_DIM, generator=g), torch.rand(steps, tasks, SHOTS, generator=g)
 
 

@@ -16,7 +16,7 @@ from metagan_dist.evaluation import baselines
 from metagan_dist.evaluation.checkpoint_model import load_meta_learned
 from metagan_dist.evaluation.evaluate import main
 from metagan_dist.evaluation.harness import METRICS
-from tiny_run import IMAGE_SHAPE, SHOTS, train_tiny_run, write_tiny_pool
+from train_utils import SHOTS, SQUARES_SHAPE, make_square_pool, train_tiny_run
 
 TASKS, SEEDS, SAMPLES, STEPS = 2, 2, 6, 3
 CURVE = [0, 1, 2, 3, 5]
@@ -24,7 +24,7 @@ CURVE = [0, 1, 2, 3, 5]
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory) -> Path:
-    return write_tiny_pool(tmp_path_factory.mktemp("evaluate") / "pool")
+    return make_square_pool(tmp_path_factory.mktemp("evaluate") / "pool")
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def test_pretraining_is_seeded_and_moves_the_parameters(runs, pool):
     model = load_meta_learned(runs["maml"])
     images = next(iter(Pool(pool).load_tasks("train").values()))
     budget = baselines.PretrainBudget(images=12, batch=4, steps=3)
-    theta = baselines.random_init(model.config, IMAGE_SHAPE, seed=0)
+    theta = baselines.random_init(model.config, SQUARES_SHAPE, seed=0)
     first, second, other = (baselines.pretrain(model.learner, *theta, images, budget, 0.01, (0.5, 0.999), seed=s,
                                                progress=False) for s in (1, 1, 2))
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
@@ -176,9 +176,9 @@ def test_duplicate_names_a_baseline_rule_meta_and_short_tasks_are_errors(pool, r
 
 
 def test_a_pool_of_another_image_shape_is_named(runs, tmp_path, capsys):
-    other = write_tiny_pool(tmp_path / "big", tasks=4, size=64)
+    other = make_square_pool(tmp_path / "big", tasks=4, size=64)
     err = error_of(capsys, runs["maml"], *common_args(other, tmp_path / "o"))
-    assert f"pool {other} holds (1, 64, 64) images but the checkpoints' models make {IMAGE_SHAPE}" in err
+    assert f"pool {other} holds (1, 64, 64) images but the checkpoints' models make {SQUARES_SHAPE}" in err
 
 
 def test_baselines_default_to_the_first_checkpoints_inner_rule(pool, runs, tmp_path):

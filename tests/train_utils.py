@@ -35,14 +35,31 @@ def make_tiny_pool(folder: Path) -> Path:
     return folder
 
 
+SQUARES_SHAPE = (1, 32, 32)  # the smallest images the evaluation's feature net takes
+SHOTS, Z_DIM = 3, 8  # of tiny runs
+
+
+def make_square_pool(out: Path, tasks: int = 8, images: int = 12) -> Path:
+    """`tasks` tasks (a quarter meta-test) of 32x32 grey images: task c is a bright square in cell c, jittered."""
+    rng = np.random.default_rng(0)
+    size, cell = SQUARES_SHAPE[1], SQUARES_SHAPE[1] // 4
+    pictures = rng.integers(0, 60, (tasks * images, size, size)).astype(np.uint8)
+    labels = np.repeat(np.arange(tasks), images)
+    for picture, label in zip(pictures, labels):
+        top, left = (label // 4) * cell + rng.integers(0, 3), (label % 4) * cell + rng.integers(0, 3)
+        picture[top : top + cell - 2, left : left + cell - 2] = 230
+    write_pool(array_source(pictures, labels, size=size, test_fraction=0.25), out, command="tests: make_square_pool")
+    return out
+
+
 def tiny_run_args(pool: Path, out_dir: Path, steps: int, **overrides: object) -> list[str]:
-    """key=value overrides for a fast run on the tiny pool."""
+    """key=value overrides for a fast run on a tiny pool (MAML unless overridden)."""
     values = {
-        "data.pool": pool, "model.arch": "mlp", "model.width": 16, "model.z_dim": 8, "data.shots": 3,
+        "data.pool": pool, "model.arch": "mlp", "model.width": 16, "model.z_dim": Z_DIM, "data.shots": SHOTS,
         "data.queries": 3, "data.tasks_per_rank": 2, "data.workers": 0, "data.batches_per_epoch": 4,
         "data.sample_tasks": 2, "run.threads": 1, "run.steps": steps, "run.out_dir": out_dir, "run.log_every": 1,
         "run.sample_every": 1000, "run.checkpoint_every": 1000, "run.device": "cpu",
-        "meta.inner_steps": 2, "meta.inner_lr": 0.05,
+        "meta.algorithm": "maml", "meta.inner_steps": 2, "meta.inner_lr": 0.05,
     }
     values.update(overrides)
     return [f"{key}={value}" for key, value in values.items()]
@@ -51,6 +68,14 @@ def tiny_run_args(pool: Path, out_dir: Path, steps: int, **overrides: object) ->
 def train(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     """One process: python launch/train.py ARGS."""
     return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def train_tiny_run(pool: Path, out: Path, *overrides: str, steps: int = 2) -> Path:
+    """Meta-train for `steps` steps on `pool` into `out` (extra key=value overrides win); returns `out`."""
+    extra = dict(o.split("=", 1) for o in overrides)
+    done = train(tiny_run_args(pool, out, steps, **{"data.sample_tasks": 1, **extra}))
+    assert done.returncode == 0, f"launch/train.py failed:\n{done.stderr[-3000:]}"
+    return out
 
 
 def torchrun(args: list[str], nproc: int = 2, extra: tuple[str, ...] = ()) -> subprocess.Popen:
