@@ -39,10 +39,10 @@ SQUARES_SHAPE = (1, 32, 32)  # the smallest images the evaluation's feature net 
 SHOTS, Z_DIM = 3, 8  # of tiny runs
 
 
-def make_square_pool(out: Path, tasks: int = 8, images: int = 12) -> Path:
-    """`tasks` tasks (a quarter meta-test) of 32x32 grey images: task c is a bright square in cell c, jittered."""
+def make_square_pool(out: Path, tasks: int = 8, images: int = 12, size: int = SQUARES_SHAPE[1]) -> Path:
+    """`tasks` tasks (a quarter meta-test) of grey images: task c is a bright square in cell c, jittered."""
     rng = np.random.default_rng(0)
-    size, cell = SQUARES_SHAPE[1], SQUARES_SHAPE[1] // 4
+    cell = size // 4
     pictures = rng.integers(0, 60, (tasks * images, size, size)).astype(np.uint8)
     labels = np.repeat(np.arange(tasks), images)
     for picture, label in zip(pictures, labels):
