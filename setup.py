@@ -13,6 +13,7 @@ setup(
     # Loose on purpose: the GPU image ships torch 2.11, CPU machines 2.14.
     install_requires=[
         "torch>=2.4",
+        "triton; platform_system == 'Linux'",  # the fused kernels; Linux torch wheels ship it already
         "torchvision",
         "numpy",
         "webdataset>=0.2.86",

@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from kernels.launches import cuda_launches
 
 import kernels
 from metagan_dist import build_pair
@@ -80,14 +80,7 @@ class Timer:
         return TorchTimer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.5).median * 1e6
 
     def launches(self, fn: Callable) -> int | None:
-        if not self.cuda:
-            return None
-        fn()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        return cuda_launches(fn) if self.cuda else None
 
 
 def bench_case(arch: str, tasks: int, directions: list[str], methods: list[str], timer: Timer, device) -> list[dict]:

@@ -13,6 +13,7 @@ import kernels.update as update_module
 from conftest import requires_cuda
 from kernels.dispatch import check_triton_can_run, is_interpreted, resolve_backend
 from kernels.grad_clip import row_norms_op
+from kernels.launches import cuda_launches
 from kernels.update import BLOCK_FORWARD, inner_update_backward_op
 
 INTERPRETED = is_interpreted(update_module._update_forward_kernel)
@@ -255,27 +256,16 @@ def test_negative_clip_and_bad_reptile_shapes_are_errors():
 # ---- CUDA only: launches per update, 64-bit offsets ---------------------------------------------
 
 
-def _cuda_kernels_in(fn) -> int:
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-
-
 @requires_cuda
 @pytest.mark.gpu
 def test_one_launch_per_update_and_per_backward():
     theta = torch.randn(300_000, device="cuda", requires_grad=True)
     grads = torch.randn(16, 300_000, device="cuda", requires_grad=True)
-    assert _cuda_kernels_in(lambda: kernels.inner_update(theta, grads, 0.01)) == 1
+    assert cuda_launches(lambda: kernels.inner_update(theta, grads, 0.01)) == 1
     out = kernels.inner_update(theta, grads, 0.01)
     dout = torch.randn_like(out)
-    assert _cuda_kernels_in(lambda: torch.autograd.grad(out, (theta, grads), dout, retain_graph=True)) == 1
-    assert _cuda_kernels_in(lambda: kernels.reptile_delta(theta, grads)) == 1
+    assert cuda_launches(lambda: torch.autograd.grad(out, (theta, grads), dout, retain_graph=True)) == 1
+    assert cuda_launches(lambda: kernels.reptile_delta(theta, grads)) == 1
 
 
 @requires_cuda
