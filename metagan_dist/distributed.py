@@ -73,7 +73,11 @@ def shutdown() -> None:
 
 
 def all_reduce_sum_(flat: Tensor, bucket_numel: int | None = None) -> Tensor:
-    """Sum a flat buffer over all ranks in place, in buckets launched together so they pipeline."""
+    """Sum a flat buffer over all ranks in place, in buckets launched together so they pipeline.
+
+    There is no backward pass left to overlap with: the meta-gradient of every parameter comes out
+    of one autograd call at the end of the step, so the buckets overlap only with each other.
+    """
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return flat
     buckets = [flat] if not bucket_numel else list(flat.split(bucket_numel))

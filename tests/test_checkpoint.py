@@ -1,0 +1,60 @@
+"""Checkpoint folders: published atomically, pruned to the last K, damage reported clearly."""
+
+import pytest
+import torch
+
+from metagan_dist.checkpoint import (
+    CHECKPOINT_VERSION, CheckpointStore, load_trainer_state, resolve_checkpoint, save_file_atomic,
+)
+
+
+def write_checkpoint(store: CheckpointStore, step: int) -> None:
+    folder = store.begin(step)
+    save_file_atomic({"version": CHECKPOINT_VERSION, "step": step}, folder / "trainer.pt")
+    store.publish(step)
+
+
+def test_publish_moves_latest_and_keeps_the_last_k(tmp_path):
+    store = CheckpointStore(tmp_path, keep=2)
+    assert store.latest() is None
+    for step in (10, 20, 30):
+        write_checkpoint(store, step)
+        assert store.latest() == tmp_path / "checkpoints" / CheckpointStore.tag(step)
+    assert sorted(p.name for p in store.dir.iterdir()) == ["LATEST", "step-00000020", "step-00000030"]
+    assert load_trainer_state(store.latest())["step"] == 30
+    assert resolve_checkpoint(tmp_path) == store.latest()
+
+
+def test_a_crash_mid_write_leaves_latest_on_the_previous_checkpoint(tmp_path):
+    store = CheckpointStore(tmp_path, keep=3)
+    write_checkpoint(store, 10)
+    staging = store.begin(20)  # the crash: files half written, never published
+    (staging / "trainer.pt").write_bytes(b"half a pickle")
+    assert store.latest().name == "step-00000010"
+    assert load_trainer_state(store.latest())["step"] == 10
+    write_checkpoint(store, 20)  # the restarted run writes the same step again, from scratch
+    assert load_trainer_state(store.latest())["step"] == 20
+    assert not any(p.name.endswith(".tmp") for p in store.dir.iterdir())
+
+
+def test_atomic_file_write_leaves_no_temporary_file(tmp_path):
+    target = tmp_path / "x.pt"
+    save_file_atomic({"a": torch.ones(3)}, target)
+    save_file_atomic({"a": torch.zeros(3)}, target)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+    assert torch.equal(torch.load(target)["a"], torch.zeros(3))
+
+
+def test_damage_and_other_versions_are_named(tmp_path):
+    store = CheckpointStore(tmp_path, keep=3)
+    write_checkpoint(store, 10)
+    (store.dir / "LATEST").write_text("step-00000099")
+    with pytest.raises(FileNotFoundError, match="step-00000099, which holds no trainer.pt"):
+        store.latest()
+    folder = tmp_path / "old"
+    folder.mkdir()
+    save_file_atomic({"version": CHECKPOINT_VERSION + 1}, folder / "trainer.pt")
+    with pytest.raises(ValueError, match=f"format version {CHECKPOINT_VERSION + 1}"):
+        load_trainer_state(folder)
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint folder"):
+        resolve_checkpoint(tmp_path / "nowhere")
