@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from metagan_dist import EpisodeBatch, MetaConfig, build_pair, meta_gradients
+from metagan_dist import EpisodeBatch, MetaConfig, MetaLearner, build_pair, meta_gradients
 from metagan_dist.config import OptimConfig
 from metagan_dist.distributed import DistContext
 from metagan_dist import engine as engine_module
@@ -61,8 +61,8 @@ def rank_main(rank: int, world: int, args: argparse.Namespace, store_dir: str, o
     shape = (1, args.image, args.image)
     G, D = (m.to(device) for m in build_pair("mlp", args.z_dim, shape))
     cfg = MetaConfig(algorithm=args.algorithm, inner_steps=args.inner_steps, inner_lr=0.05)
-    params = MetaParameters(torch.cat([p.detach().reshape(-1) for p in G.parameters()]),
-                            torch.cat([p.detach().reshape(-1) for p in D.parameters()])).to(device)
+    learner = MetaLearner(G, D, cfg)
+    params = MetaParameters(learner.G.flat_parameters(), learner.D.flat_parameters()).to(device)
     ctx = DistContext(rank, world, rank, world, device)
     engine = TorchEngine(params, OptimConfig(), ctx, bucket_mb=25.0)
     gen = torch.Generator().manual_seed(rank)

@@ -118,10 +118,15 @@ class MetaLearner:
         """L_G per task [T] of the inner loop: task copies [T, P], noise [T, n, z]."""
         return generator_loss(self.config.loss, self.D(theta_d, self.G(theta_g, noise)))
 
-    def d_loss(self, theta_d: Tensor, real: Tensor, fake: Tensor, mix: Tensor) -> Tensor:
-        """L_D per task [T] of the inner loop, with wgan-gp's penalty (mix: its interpolation weights)."""
-        real_logits, fake_logits = self.D(theta_d, real), self.D(theta_d, fake)
-        loss = discriminator_loss(self.config.loss, real_logits, fake_logits)
+    def d_loss(
+        self, theta_d: Tensor, real: Tensor, fake: Tensor, mix: Tensor, fake_logits: Tensor | None = None
+    ) -> Tensor:
+        """L_D per task [T], with wgan-gp's penalty (mix: its interpolation weights).
+
+        fake_logits: D's logits on `fake` when the caller already has them (the query uses them for L_G too).
+        """
+        fake_logits = self.D(theta_d, fake) if fake_logits is None else fake_logits
+        loss = discriminator_loss(self.config.loss, self.D(theta_d, real), fake_logits)
         if self.config.loss == "wgan-gp":
             loss = loss + self.config.gp_weight * gradient_penalty(lambda x: self.D(theta_d, x), real, fake, mix)
         return loss
@@ -157,11 +162,7 @@ class MetaLearner:
         fake = self.G(theta_g, batch.query_noise)
         fake_logits = self.D(theta_d, fake)
         loss_g = generator_loss(self.config.loss, fake_logits)
-        loss_d = discriminator_loss(self.config.loss, self.D(theta_d, batch.query), fake_logits)
-        if self.config.loss == "wgan-gp":
-            penalty = gradient_penalty(lambda x: self.D(theta_d, x), batch.query, fake, batch.query_mix)
-            loss_d = loss_d + self.config.gp_weight * penalty
-        return loss_g, loss_d
+        return loss_g, self.d_loss(theta_d, batch.query, fake, batch.query_mix, fake_logits)
 
     def meta_gradient(
         self, theta_g: Tensor, theta_d: Tensor, batch: EpisodeBatch, inner_lrs: tuple[Tensor, Tensor] | None = None
