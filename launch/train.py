@@ -83,9 +83,6 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(ctx.rank)
     torch.set_num_threads(cfg.run.threads or max(1, (os.cpu_count() or 1) // ctx.local_world_size))
     out_dir = Path(cfg.run.out_dir)
-    if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
 
     # ---- data: the task pool, this rank's stream of episodes, fixed meta-test tasks for samples ----
     pool = Pool(ensure_glyphs_pool() if cfg.data.pool == "glyphs" else cfg.data.pool)
@@ -131,6 +128,9 @@ def main(argv: list[str] | None = None) -> None:
         restore_rng_states(mine["rng"], noise)
         step, skipped = state["step"], state["skipped_steps"]
         logger.info("resumed from %s at step %d", latest, step)
+    if ctx.is_main:  # only now: a refused resume must leave the run's own config.yaml as it was
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
 
     sample_shots = sample_inputs = None
     if ctx.is_main:

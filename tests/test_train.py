@@ -97,6 +97,7 @@ def test_resume_with_an_incompatible_config_is_refused(pool, tmp_path):
     result = train(tiny_run_args(pool, out, 4, **{"meta.algorithm": "reptile", "data.shots": 4}))
     assert result.returncode == 2
     assert "data.shots, meta.algorithm" in result.stderr
+    assert "algorithm: maml" in (out / "config.yaml").read_text()  # the run's record is untouched
 
 
 @pytest.mark.slow
