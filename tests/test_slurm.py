@@ -149,9 +149,13 @@ def test_usr1_before_the_time_limit_checkpoints_and_requeues(slurm_cluster, tmp_
         time.sleep(0.5)
     # What SLURM does 120 s before the time limit (--signal=B:USR1@120), done now.
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, env=env)
-    deadline = time.monotonic() + 600
+    deadline, pending_since = time.monotonic() + 600, None
     while (state := _job_state(job, env)) not in ("COMPLETED", "FAILED", "CANCELLED", "GONE"):
-        if state == "PENDING":  # SLURM delays a requeued job's start; no need to wait for that here
+        pending_since = (pending_since or time.monotonic()) if state == "PENDING" else None
+        # SLURM delays a requeued job's start by minutes; start it sooner, but not within the second
+        # its previous run was killed in: slurmd, counting in whole seconds, would take the new
+        # launch's credential for the revoked one and fail the job ("Job credential revoked").
+        if pending_since is not None and time.monotonic() - pending_since > 3:
             subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env, capture_output=True)
         assert time.monotonic() < deadline, f"job {job} still {state}:\n{log.read_text(errors='replace')[-3000:]}"
         time.sleep(1)
