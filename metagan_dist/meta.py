@@ -20,13 +20,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from kernels import inner_update, reptile_delta
+from kernels import reptile_delta
 from metagan_dist.episode import EpisodeBatch
 from metagan_dist.flat import BatchedNet
+from metagan_dist.inner import INNER_RULES, InnerAdam, InnerRule, InnerSGD
 from metagan_dist.losses import LOSSES, discriminator_loss, generator_loss, gradient_penalty
 from metagan_dist.options import opt
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd")
+FIRST_ORDER = ("fomaml", "reptile")  # the algorithms that never differentiate through an inner step
 OBJECTIVES = ("seed", "split")
 REDUCTIONS = ("mean", "sum")
 
@@ -44,21 +46,38 @@ class MetaConfig:
     inner_lr: float = opt(0.01, "inner learning rate α (Meta-SGD: the initial value of every per-parameter rate)")
     gp_weight: float = opt(10.0, "λ of the wgan-gp gradient penalty")
     inner_clip: float = opt(0.0, "clip each task's inner gradient to this norm, per network; 0 = off")
+    inner_rule: str = opt("sgd", "inner update rule, also the default at adaptation time: sgd | adam (per-task "
+                                 "moments, one fused kernel; first order, so fomaml or reptile only)")
+    inner_beta1: float = opt(0.0, "β1 of the inner Adam (0: no momentum, Reptile's few-shot recipe)")
+    inner_beta2: float = opt(0.999, "β2 of the inner Adam")
+    d_steps: int = opt(1, "discriminator steps per generator step in every inner step")
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
             ("algorithm", self.algorithm, ALGORITHMS),
             ("objective", self.objective, OBJECTIVES),
             ("loss", self.loss, LOSSES),
+            ("inner_rule", self.inner_rule, INNER_RULES),
         ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
-        if self.inner_steps < 1:
-            raise ValueError(f"inner_steps must be at least 1, got {self.inner_steps}")
-        if self.inner_lr <= 0:
+        for name in ("inner_steps", "d_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer of at least 1, got {getattr(self, name)!r}")
+        if not self.inner_lr > 0:
             raise ValueError(f"inner_lr must be positive, got {self.inner_lr}")
-        if self.inner_clip < 0:
+        if not self.gp_weight >= 0:
+            raise ValueError(f"gp_weight must be >= 0, got {self.gp_weight}")
+        if not self.inner_clip >= 0:
             raise ValueError(f"inner_clip must be >= 0 (0 turns it off), got {self.inner_clip}")
+        for name in ("inner_beta1", "inner_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+        if self.inner_rule == "adam" and self.algorithm not in FIRST_ORDER:
+            raise ValueError(
+                f"inner_rule 'adam' with algorithm {self.algorithm!r}: the inner Adam is a first-order rule that "
+                f"{self.algorithm} cannot differentiate through; use algorithm fomaml or reptile with it, or inner_rule sgd"
+            )
 
 
 @dataclass
@@ -106,6 +125,47 @@ def _partial_grad(loss_of: Callable[[Tensor], Tensor], theta: Tensor, create_gra
     return grad
 
 
+class Adaptation:
+    """T task copies of (θ_G, θ_D) and their inner-rule states, advanced one inner step at a time.
+
+    One inner step (DESIGN.md): a G step, then `d_steps` D steps against the adapted G, each on the
+    player's PARTIAL derivative (`_partial_grad`). Meta-training, the sample grids and the adapt and
+    evaluate tools all adapt through this one loop.
+    """
+
+    def __init__(
+        self, learner: MetaLearner, theta_g: Tensor, theta_d: Tensor, tasks: int,
+        rules: tuple[InnerRule, InnerRule], create_graph: bool,
+    ):
+        self.learner, self.tasks, self.create_graph = learner, tasks, create_graph
+        self.rule_g, self.rule_d = rules
+        self._theta_g, self._theta_d = theta_g, theta_d  # shared [P] until the first step
+        self.state_g, self.state_d = self.rule_g.start(theta_g, tasks), self.rule_d.start(theta_d, tasks)
+
+    @property
+    def generator(self) -> Tensor:
+        """θ_G of every task copy [T, P_G] (a broadcast view before the first step)."""
+        return self._theta_g.expand(self.tasks, -1)
+
+    @property
+    def discriminator(self) -> Tensor:
+        """θ_D of every task copy [T, P_D]."""
+        return self._theta_d.expand(self.tasks, -1)
+
+    def advance(self, support: Tensor, noise: Tensor, mix: Tensor) -> None:
+        """len(noise) more inner steps on support [T, k, C, H, W]; noise [S, T, n, z], mix [S, T, n]."""
+        learner, tasks, create_graph = self.learner, self.tasks, self.create_graph
+        for z, m in zip(noise, mix):
+            d_copies = _task_copies(self._theta_d, tasks)
+            grad_g = _partial_grad(lambda a: learner.g_loss(a, d_copies, z), _task_copies(self._theta_g, tasks),
+                                   create_graph)
+            self._theta_g = self.rule_g.step(self._theta_g, grad_g, self.state_g)
+            fake = learner.G(self._theta_g, z)
+            for _ in range(learner.config.d_steps):
+                grad_d = _partial_grad(lambda a: learner.d_loss(a, support, fake, m), d_copies, create_graph)
+                self._theta_d = d_copies = self.rule_d.step(self._theta_d, grad_d, self.state_d)
+
+
 class MetaLearner:
     """Adapts T task copies of a (G, D) pair at once and differentiates the meta-objective."""
 
@@ -131,6 +191,26 @@ class MetaLearner:
             loss = loss + self.config.gp_weight * gradient_penalty(lambda x: self.D(theta_d, x), real, fake, mix)
         return loss
 
+    def inner_rules(self, inner_lrs: tuple[Tensor, Tensor] | None = None) -> tuple[InnerRule, InnerRule]:
+        """The meta-learned inner rule of (G, D): the config's SGD or Adam, or SGD at Meta-SGD's rates `inner_lrs`."""
+        cfg = self.config
+        if cfg.inner_rule == "adam":
+            rule = InnerAdam(cfg.inner_lr, (cfg.inner_beta1, cfg.inner_beta2), clip=cfg.inner_clip)
+            return rule, rule
+        lr_g, lr_d = inner_lrs if inner_lrs is not None else (cfg.inner_lr, cfg.inner_lr)
+        return InnerSGD(lr_g, cfg.inner_clip), InnerSGD(lr_d, cfg.inner_clip)
+
+    def start_adaptation(
+        self,
+        theta_g: Tensor,
+        theta_d: Tensor,
+        tasks: int,
+        rules: tuple[InnerRule, InnerRule] | None = None,
+        create_graph: bool = False,
+    ) -> Adaptation:
+        """T = `tasks` copies of (θ_G, θ_D) ([P] shared or [T, P]) to adapt with `rules` (default: inner_rules())."""
+        return Adaptation(self, theta_g, theta_d, tasks, rules or self.inner_rules(), create_graph)
+
     def adapt(
         self,
         theta_g: Tensor,
@@ -138,24 +218,17 @@ class MetaLearner:
         support: Tensor,
         noise: Tensor,
         mix: Tensor,
-        lr_g: float | Tensor,
-        lr_d: float | Tensor,
-        create_graph: bool,
+        rules: tuple[InnerRule, InnerRule] | None = None,
+        create_graph: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """Run len(noise) inner steps on the support set; returns adapted [T, P_G] and [T, P_D].
 
         theta_g, theta_d: shared [P] (or per-task [T, P]); noise: [S, T, n, z]; mix: [S, T, n].
         create_graph keeps every inner gradient differentiable (second-order MAML, Meta-SGD).
         """
-        tasks = support.shape[0]
-        for z, m in zip(noise, mix):
-            d_copies = _task_copies(theta_d, tasks)
-            grad_g = _partial_grad(lambda a: self.g_loss(a, d_copies, z), _task_copies(theta_g, tasks), create_graph)
-            theta_g = inner_update(theta_g, grad_g, lr_g, self.config.inner_clip)
-            fake = self.G(theta_g, z)
-            grad_d = _partial_grad(lambda a: self.d_loss(a, support, fake, m), d_copies, create_graph)
-            theta_d = inner_update(theta_d, grad_d, lr_d, self.config.inner_clip)
-        return theta_g, theta_d
+        adaptation = self.start_adaptation(theta_g, theta_d, support.shape[0], rules, create_graph)
+        adaptation.advance(support, noise, mix)
+        return adaptation.generator, adaptation.discriminator
 
     def query_losses(self, theta_g: Tensor, theta_d: Tensor, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
         """L_G and L_D per task [T] on the query set, at (adapted) parameters [T, P]."""
@@ -175,24 +248,23 @@ class MetaLearner:
         if cfg.algorithm == "reptile":
             with torch.no_grad():
                 adapted_g, adapted_d = self.adapt(
-                    theta_g.detach(), theta_d.detach(), batch.support, batch.inner_noise, batch.inner_mix,
-                    cfg.inner_lr, cfg.inner_lr, create_graph=False,
+                    theta_g.detach(), theta_d.detach(), batch.support, batch.inner_noise, batch.inner_mix
                 )
                 loss_g, loss_d = self.query_losses(adapted_g, adapted_d, batch)
                 tasks = batch.tasks
                 grads = [tasks * reptile_delta(theta_g, adapted_g), tasks * reptile_delta(theta_d, adapted_d)]
             return grads, loss_g.sum(), loss_d.sum()
 
-        lr_g, lr_d = inner_lrs if cfg.algorithm == "metasgd" else (cfg.inner_lr, cfg.inner_lr)
+        rates = inner_lrs if cfg.algorithm == "metasgd" else None
         adapted_g, adapted_d = self.adapt(
-            theta_g, theta_d, batch.support, batch.inner_noise, batch.inner_mix, lr_g, lr_d,
+            theta_g, theta_d, batch.support, batch.inner_noise, batch.inner_mix, self.inner_rules(rates),
             create_graph=cfg.algorithm != "fomaml",
         )
         loss_g, loss_d = self.query_losses(adapted_g, adapted_d, batch)
         g_inputs, d_inputs = [theta_g], [theta_d]
         if cfg.algorithm == "metasgd":
-            g_inputs.append(lr_g)
-            d_inputs.append(lr_d)
+            g_inputs.append(rates[0])
+            d_inputs.append(rates[1])
         if cfg.objective == "seed":
             grads = torch.autograd.grad((loss_g + loss_d).sum(), g_inputs + d_inputs)
         else:

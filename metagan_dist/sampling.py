@@ -10,15 +10,6 @@ from torch import Tensor
 from metagan_dist.meta import MetaLearner
 
 
-def meta_inner_rates(
-    learner: MetaLearner, inner_lrs: tuple[Tensor, Tensor] | None = None
-) -> tuple[float | Tensor, float | Tensor]:
-    """The meta-learned inner rates (lr_G, lr_D): Meta-SGD's per-parameter rates when given, else meta.inner_lr."""
-    if inner_lrs is None:
-        return learner.config.inner_lr, learner.config.inner_lr
-    return inner_lrs[0].detach(), inner_lrs[1].detach()
-
-
 def adapt_and_generate(
     learner: MetaLearner,
     theta_g: Tensor,
@@ -34,12 +25,11 @@ def adapt_and_generate(
     Uses the meta-learned inner rule (Meta-SGD's rates when given). sample_noise [T, m, z];
     returns images [T, m, C, H, W] in [-1, 1].
     """
-    lr_g, lr_d = meta_inner_rates(learner, inner_lrs)
-    adapted_g, _ = learner.adapt(
-        theta_g.detach(), theta_d.detach(), shots, inner_noise, inner_mix, lr_g, lr_d, create_graph=False
-    )
+    rates = None if inner_lrs is None else tuple(rate.detach() for rate in inner_lrs)
+    adapted_g, _ = learner.adapt(theta_g.detach(), theta_d.detach(), shots, inner_noise, inner_mix,
+                                 learner.inner_rules(rates))
     with torch.no_grad():
-        return learner.G(adapted_g.expand(shots.shape[0], -1), sample_noise)
+        return learner.G(adapted_g, sample_noise)
 
 
 def save_grid(shots: Tensor, samples: Tensor, path: Path) -> None:

@@ -66,17 +66,41 @@ def task_inputs(batch, t):
     )
 
 
+class PlainAdam:
+    """Adam on a list of tensors, spelled out (the formula of torch.optim.Adam), one state per tensor."""
+
+    def __init__(self, cfg, tensors):
+        self.lr, self.b1, self.b2, self.eps = cfg.inner_lr, cfg.inner_beta1, cfg.inner_beta2, 1e-8
+        self.m = [torch.zeros_like(t) for t in tensors]
+        self.v = [torch.zeros_like(t) for t in tensors]
+        self.k = 0
+
+    def step(self, params, grads):
+        self.k += 1
+        self.m = [self.b1 * m + (1 - self.b1) * g for m, g in zip(self.m, grads)]
+        self.v = [self.b2 * v + (1 - self.b2) * g * g for v, g in zip(self.v, grads)]
+        size = self.lr / (1 - self.b1**self.k)
+        return [p - size * m / ((v / (1 - self.b2**self.k)).sqrt() + self.eps) for p, m, v in zip(params, self.m, self.v)]
+
+
 def objective_values(cfg, G, D, pg, pd, task, lrs=None):
-    """(L_G, L_D) on the query after the inner loop; inner gradients at detached leaves (values only)."""
+    """(L_G, L_D) on the query after the inner loop; inner gradients at detached leaves (values only).
+
+    Each inner step: a G step, then cfg.d_steps D steps against the adapted G, with SGD (at
+    cfg.inner_lr or the per-tensor rates `lrs`) or Adam (cfg.inner_rule).
+    """
     lr_g, lr_d = lrs if lrs is not None else ([cfg.inner_lr] * len(pg), [cfg.inner_lr] * len(pd))
     pg, pd = [p.detach() for p in pg], [p.detach() for p in pd]
+    adam = cfg.inner_rule == "adam"
+    opt_g, opt_d = (PlainAdam(cfg, pg), PlainAdam(cfg, pd)) if adam else (None, None)
     for z, mix in zip(task["noise"], task["mix"]):
         leaves = [p.clone().requires_grad_() for p in pg]
         grads = torch.autograd.grad(g_loss(cfg, G, D, leaves, pd, z), leaves)
-        pg = [p - lr * g for p, lr, g in zip(pg, lr_g, grads)]
-        leaves = [p.clone().requires_grad_() for p in pd]
-        grads = torch.autograd.grad(d_loss(cfg, G, D, pg, leaves, task["support"], z, mix), leaves)
-        pd = [p - lr * g for p, lr, g in zip(pd, lr_d, grads)]
+        pg = opt_g.step(pg, grads) if adam else [p - lr * g for p, lr, g in zip(pg, lr_g, grads)]
+        for _ in range(cfg.d_steps):
+            leaves = [p.clone().requires_grad_() for p in pd]
+            grads = torch.autograd.grad(d_loss(cfg, G, D, pg, leaves, task["support"], z, mix), leaves)
+            pd = opt_d.step(pd, grads) if adam else [p - lr * g for p, lr, g in zip(pd, lr_d, grads)]
     with torch.enable_grad():
         lg = g_loss(cfg, G, D, pg, pd, task["query_noise"])
         ld = d_loss(cfg, G, D, pg, pd, task["query"], task["query_noise"], task["query_mix"])
@@ -95,9 +119,10 @@ def maml_task_grads(cfg, G, D, theta_g, theta_d, task, lrs=None, trap=False):
         alias = [p.clone() for p in pg]
         grads = torch.autograd.grad(g_loss(cfg, G, D, alias, pd, z), alias, create_graph=True)
         pg = [p - lr * g for p, lr, g in zip(pg, lr_g, grads)]
-        alias = pd if trap else [p.clone() for p in pd]
-        grads = torch.autograd.grad(d_loss(cfg, G, D, pg, alias, task["support"], z, mix), alias, create_graph=True)
-        pd = [p - lr * g for p, lr, g in zip(pd, lr_d, grads)]
+        for _ in range(cfg.d_steps):
+            alias = pd if trap else [p.clone() for p in pd]
+            grads = torch.autograd.grad(d_loss(cfg, G, D, pg, alias, task["support"], z, mix), alias, create_graph=True)
+            pd = [p - lr * g for p, lr, g in zip(pd, lr_d, grads)]
     lg = g_loss(cfg, G, D, pg, pd, task["query_noise"])
     ld = d_loss(cfg, G, D, pg, pd, task["query"], task["query_noise"], task["query_mix"])
     g_in, d_in = list(theta_g), list(theta_d)

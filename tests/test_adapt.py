@@ -177,7 +177,7 @@ def test_the_meta_rule_in_chunks_is_metalearner_adapt_in_one_call(learner):
     assert torch.equal(adaptation.generator, theta_g.expand(2, -1))  # step 0 is the init itself
     adaptation.advance(support, noise[:1], mix[:1])
     adaptation.advance(support, noise[1:], mix[1:])
-    expected_g, expected_d = learner.adapt(theta_g, theta_d, support, noise, mix, 0.05, 0.05, create_graph=False)
+    expected_g, expected_d = learner.adapt(theta_g, theta_d, support, noise, mix)
     torch.testing.assert_close(adaptation.generator, expected_g)
     torch.testing.assert_close(adaptation.discriminator, expected_d)
 

@@ -2,17 +2,19 @@
 
 Three ways to run the inner update are compared: the Triton kernels (METAGAN_KERNELS=triton; the
 interpreter on CPU), the ops' torch reference (METAGAN_KERNELS=reference), and the plain-torch
-oracle patched into metagan_dist.meta, which uses no custom op at all.
+oracles patched into metagan_dist.inner and metagan_dist.meta, which use no custom op at all.
 """
 
 import pytest
 import torch
 
 import kernels
+import metagan_dist.inner as inner
 import metagan_dist.meta as meta
 from conftest import requires_cuda
 from metagan_dist import EpisodeBatch, MetaConfig, build_pair, meta_gradients
 from test_kernels import TRITON_TARGETS, oracle_reptile, oracle_update
+from test_kernels_adam import oracle_adam
 
 Z_DIM, TASKS, SHOTS, QUERIES = 4, 3, 2, 2
 CONFIGS = {
@@ -21,6 +23,9 @@ CONFIGS = {
     "metasgd-split": MetaConfig(algorithm="metasgd", objective="split", inner_steps=2, inner_lr=0.05),
     "fomaml": MetaConfig(algorithm="fomaml", inner_lr=0.05),
     "reptile": MetaConfig(algorithm="reptile", inner_steps=2, inner_lr=0.05),
+    "fomaml-adam": MetaConfig(algorithm="fomaml", inner_steps=2, inner_lr=0.01, inner_rule="adam"),
+    "reptile-adam-2-d-steps": MetaConfig(algorithm="reptile", inner_steps=2, inner_lr=0.01, inner_rule="adam",
+                                         inner_beta1=0.5, d_steps=2),
 }
 
 
@@ -38,7 +43,8 @@ def _meta_gradient(monkeypatch, implementation, config, device):
     batch = EpisodeBatch.sample(support, query, config.inner_steps, Z_DIM, generator=gen).to(device)
     calls = []
     if implementation == "oracle":  # counted, so the test fails if meta.py stops calling these names
-        monkeypatch.setattr(meta, "inner_update", lambda *a: calls.append(1) or oracle_update(*a))
+        monkeypatch.setattr(inner, "inner_update", lambda *a: calls.append(1) or oracle_update(*a))
+        monkeypatch.setattr(inner, "inner_adam", lambda *a: calls.append(1) or oracle_adam(*a))
         monkeypatch.setattr(meta, "reptile_delta", lambda *a: calls.append(1) or oracle_reptile(*a))
     else:
         monkeypatch.setenv(kernels.ENV_VAR, implementation)

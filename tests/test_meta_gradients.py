@@ -132,6 +132,53 @@ def test_batched_matches_per_task_loop(arch, algorithm, objective, loss):
 
 
 @pytest.mark.parametrize("arch", ["mlp", "dcgan"])
+@pytest.mark.parametrize(
+    "algorithm,rule,d_steps",
+    [("maml", "sgd", 2), ("fomaml", "sgd", 3), ("fomaml", "adam", 1), ("reptile", "adam", 2), ("reptile", "adam", 1)],
+)
+@pytest.mark.parametrize("loss", ["ns", "wgan-gp"])
+def test_inner_adam_and_several_d_steps_match_the_per_task_loop(arch, algorithm, rule, d_steps, loss):
+    G, D = tiny_pair(arch)
+    cfg = MetaConfig(algorithm=algorithm, loss=loss, inner_steps=2, inner_lr=0.1 if rule == "sgd" else 0.01,
+                     inner_rule=rule, inner_beta1=0.5, d_steps=d_steps)
+    batch = make_batch(G, 2)
+    got = meta_gradients(G, D, batch, cfg).flat
+    want = reference_grads(cfg, G, D, batch)
+    assert rel_err(got, want) <= 1e-10
+    # The options are not silently ignored: one D step, or SGD, changes the meta-gradient.
+    other = MetaConfig(**{**cfg.__dict__, "d_steps": 1} if d_steps > 1 else {**cfg.__dict__, "inner_rule": "sgd"})
+    assert rel_err(meta_gradients(G, D, batch, other).flat, want) > 1e-3
+
+
+def test_maml_with_two_d_steps_matches_finite_differences():
+    G, D = tiny_pair("mlp")
+    cfg = MetaConfig(algorithm="maml", objective="split", inner_steps=2, inner_lr=0.1, d_steps=2)
+    batch = make_batch(G, 2)
+    grads = meta_gradients(G, D, batch, cfg)
+    theta_g, theta_d = flat_params(G), flat_params(D)
+    directions = torch.eye(theta_g.numel(), dtype=torch.float64)[:12]
+    numeric = central_difference(lambda t: mean_objective(cfg, G, D, t, theta_d, batch, "g"), theta_g, directions)
+    torch.testing.assert_close(grads.flat[: theta_g.numel()][:12], numeric, rtol=1e-6, atol=1e-9)
+
+
+def test_second_order_algorithms_refuse_the_first_order_inner_adam():
+    for algorithm in ("maml", "metasgd"):
+        with pytest.raises(ValueError, match=f"inner_rule 'adam' with algorithm '{algorithm}'"):
+            MetaConfig(algorithm=algorithm, inner_rule="adam")
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [("inner_rule", "rmsprop", "unknown inner_rule 'rmsprop'"), ("d_steps", 0, "d_steps must be"),
+     ("inner_beta1", 1.0, "inner_beta1 must lie"), ("gp_weight", -1.0, "gp_weight must be"),
+     ("inner_steps", 1.5, "inner_steps must be")],
+)
+def test_bad_inner_loop_settings_are_errors_naming_them(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        MetaConfig(algorithm="reptile", **{field: value})
+
+
+@pytest.mark.parametrize("arch", ["mlp", "dcgan"])
 def test_metasgd_rate_gradients_match_finite_differences(arch):
     G, D = tiny_pair(arch)
     cfg = MetaConfig(algorithm="metasgd", objective="seed", inner_steps=2, inner_lr=0.1)

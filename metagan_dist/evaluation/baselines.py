@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from metagan_dist.config import TrainConfig
 from metagan_dist.data import images_to_tensor
-from metagan_dist.evaluation.rules import AdamAdaptation
 from metagan_dist.flat import FlatLayout
+from metagan_dist.inner import InnerAdam
 from metagan_dist.meta import MetaLearner
 from metagan_dist.models import build_pair
 
@@ -73,7 +73,8 @@ def pretrain(
     device = theta_g.device
     rng = torch.Generator().manual_seed(seed)
     data = images_to_tensor(images)
-    session = AdamAdaptation(learner, theta_g[None], theta_d[None], lr, betas)
+    rule = InnerAdam(lr, betas)
+    session = learner.start_adaptation(theta_g, theta_d, tasks=1, rules=(rule, rule))
     z_dim = learner.G.module.z_dim
     for _ in tqdm(range(budget.steps), desc="pretrain", unit="step", disable=not progress):
         batch = data[torch.randint(len(data), (budget.batch,), generator=rng)][None].to(device)
