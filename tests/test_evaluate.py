@@ -15,7 +15,7 @@ from metagan_dist.data import Pool
 from metagan_dist.evaluation import baselines
 from metagan_dist.evaluation.checkpoint_model import load_meta_learned
 from metagan_dist.evaluation.evaluate import main
-from metagan_dist.evaluation.harness import METRICS
+from metagan_dist.evaluation.harness import METRICS, REFERENCES
 from train_utils import SHOTS, SQUARES_SHAPE, make_square_pool, train_tiny_run
 
 TASKS, SEEDS, SAMPLES, STEPS = 2, 2, 6, 3
@@ -70,19 +70,34 @@ def test_every_method_is_scored_at_every_curve_step_over_tasks_and_seeds(report)
         assert sorted(map(int, row["steps"])) == CURVE
         for step, summaries in row["steps"].items():
             assert sorted(summaries) == sorted(METRICS)
-            per_task = row["kid_per_seed_and_task"][step]
-            assert len(per_task) == SEEDS and all(len(seed) == TASKS for seed in per_task)
+            for metric, per_task in row["per_seed_and_task"][step].items():
+                assert len(per_task) == SEEDS and all(len(seed) == TASKS for seed in per_task)
+                if summaries[metric]["mean"] is not None:
+                    assert summaries[metric]["mean"] == pytest.approx(sum(map(sum, per_task)) / (TASKS * SEEDS))
             for summary in summaries.values():
                 assert summary["n"] == TASKS * SEEDS
                 if row["label"] == DIVERGED and step == str(STEPS):
                     assert (summary["mean"], summary["std"], summary["diverged"]) == (None, None, TASKS * SEEDS)
-                    assert per_task == [[None] * TASKS] * SEEDS
                 elif step == "0" or "1e+30" not in row["rule"]:
                     assert math.isfinite(summary["mean"]) and summary["std"] >= 0 and summary["diverged"] == 0
-            if summaries["kid"]["mean"] is not None:
-                assert summaries["kid"]["mean"] == pytest.approx(sum(map(sum, per_task)) / (TASKS * SEEDS))
+            if row["label"] == DIVERGED and step == str(STEPS):
+                assert row["per_seed_and_task"][step]["kid"] == [[None] * TASKS] * SEEDS
+            assert 0 <= (summaries["recognizability"]["mean"] or 0) <= 1
     settings = report["settings"]
     assert settings["shots"] == SHOTS and settings["task_keys"] == Pool(settings["pool"]).keys("test")[:TASKS]
+    assert settings["ways"] == TASKS  # fewer tasks than the default 20 ways: every episode holds them all
+
+
+def test_reference_rows_are_scored_like_samples(report):
+    references = report["references"]
+    assert sorted(references) == sorted(REFERENCES)
+    for name, summaries in references.items():
+        assert sorted(summaries) == sorted(METRICS) and summaries["kid"]["n"] == TASKS * SEEDS
+    # Held-out real images of a task are that task, far more than another task's images are.
+    assert references["real"]["recognizability"]["mean"] > references["other-task"]["recognizability"]["mean"]
+    assert references["real"]["kid"]["mean"] < references["other-task"]["kid"]["mean"]
+    # k = 3 shots are too few for 3-NN precision/recall: not applicable, not a number and not diverged.
+    assert references["shots"]["precision"] == {"mean": None, "std": None, "se": None, "n": TASKS * SEEDS, "diverged": 0}
 
 
 def test_methods_see_the_same_shots_and_noise(report):
@@ -92,22 +107,24 @@ def test_methods_see_the_same_shots_and_noise(report):
     pretrained = [rows[f"pretrain-finetune ({r})"]["steps"] for r in ("adam:0.01", "sgd:0.05")]
     assert pretrained[0]["0"] == pretrained[1]["0"] and pretrained[0][str(STEPS)] != pretrained[1][str(STEPS)]
     # Scratch draws a fresh init per seed: its two seeds differ at step 0.
-    first, second = rows["scratch (adam:0.01)"]["kid_per_seed_and_task"]["0"]
+    first, second = rows["scratch (adam:0.01)"]["per_seed_and_task"]["0"]["kid"]
     assert first != second
 
 
-def test_best_rows_and_ratios_follow_from_the_kid_at_s(report):
-    kid = {row["label"]: row["steps"][str(STEPS)]["kid"]["mean"] for row in report["methods"]}
+def test_best_rows_and_headline_follow_from_recognizability_at_s(report):
+    score = {row["label"]: row["steps"][str(STEPS)]["recognizability"]["mean"] for row in report["methods"]}
     assert sorted(report["best"]) == ["maml", "maml_again", "metasgd", "pretrain-finetune", "scratch"]
     for name, label in report["best"].items():
         assert label != DIVERGED
-        assert kid[label] == min(v for k, v in kid.items() if k.startswith(name + " (") and v is not None)
-    ratios = report["kid_ratios"]
-    champion = ratios["best_meta_learned"]
-    assert kid[champion] == min(kid[label] for label in LABELS[:3])
+        assert score[label] == max(v for k, v in score.items() if k.startswith(name + " (") and v is not None)
+    headline = report["headline"]
+    champion = headline["best_meta_learned"]
+    assert score[champion] == max(score[label] for label in LABELS[:3]) == headline["recognizability"]
+    start = next(row for row in report["methods"] if row["label"] == champion)["steps"]["0"]
+    assert headline["at_step_0"] == start["recognizability"]["mean"]
     for name in ("scratch", "pretrain-finetune"):
-        entry = ratios["vs"][name]
-        assert entry["ratio"] == pytest.approx(kid[champion] / kid[entry["baseline"]])
+        entry = headline["vs"][name]
+        assert entry["difference"] == pytest.approx(score[champion] - score[entry["baseline"]])
 
 
 def test_the_pretraining_budget_matches_the_first_checkpoints_compute(report, runs):
@@ -123,9 +140,12 @@ def test_the_markdown_table_plot_grids_and_feature_cache_are_written(evaluated, 
     table = (evaluated / "results.md").read_text()
     for row in report["methods"]:
         assert f"| {row['method']} | {row['rule']} |" in table
-    assert f"Best meta-learned row, {report['kid_ratios']['best_meta_learned']}" in table
-    assert f"| scratch | sgd:1e+30 | diverged ({TASKS * SEEDS}/{TASKS * SEEDS}) |" in table
-    with Image.open(evaluated / "kid_vs_steps.png") as plot:
+    assert f"Best meta-learned row, {report['headline']['best_meta_learned']}" in table
+    assert f"| scratch | sgd:1e+30 | {STEPS} | diverged ({TASKS * SEEDS}/{TASKS * SEEDS}) |" in table
+    for name in REFERENCES:
+        assert f"| *{name}* | – | – |" in table
+    assert "| maml | – | 0 |" in table and "| scratch | – | 0 |" in table  # each init before adaptation
+    with Image.open(evaluated / "curves.png") as plot:
         assert plot.format == "PNG" and plot.size[0] > 400
     grids = sorted(p.name for p in (evaluated / "grids").iterdir())
     assert len(grids) == len(LABELS)
@@ -172,7 +192,7 @@ def test_duplicate_names_a_baseline_rule_meta_and_short_tasks_are_errors(pool, r
     assert "checkpoint names must be unique" in error_of(capsys, runs["maml"], runs["maml"], *args)
     assert "baselines have no meta-learned inner rule" in error_of(capsys, runs["maml"], "--baseline-rules", "meta", *args)
     err = error_of(capsys, runs["maml"], *args, "--shots", "9")
-    assert "has 12 images; evaluating with k=9 shots needs at least 13" in err
+    assert "has 12 images; evaluating with k=9 shots needs at least 17" in err
 
 
 def test_a_pool_of_another_image_shape_is_named(runs, tmp_path, capsys):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from metagan_dist.evaluation.metrics import diversity, fid, kid, precision_recall
+from metagan_dist.evaluation.metrics import diversity, fid, kid, precision_recall, recognizability
 
 
 def _gaussian(n: int, d: int, seed: int) -> torch.Tensor:
@@ -244,3 +244,57 @@ def test_metric_specific_limits_raise():
         diversity(GOOD[:1])
     with pytest.raises(ValueError, match="features contains NaN or inf"):
         diversity(torch.tensor([[1.0], [float("inf")]]))
+
+
+# ---------------------------------------------------------------- recognizability
+
+
+def _reference_recognizability(samples, prototypes, ways, episodes, seed):
+    """Episode by episode, sample by sample, class by class; the same episodes as the metric draws."""
+    rng = np.random.default_rng(seed)
+    scores = []
+    for task, features in enumerate(samples):
+        others = [t for t in range(len(prototypes)) if t != task]
+        columns = [[task, *rng.choice(others, ways - 1, replace=False)] for _ in range(episodes)]
+        hits = 0
+        for episode in columns:
+            for x in features:
+                distances = [math.dist(x.tolist(), prototypes[c].tolist()) for c in episode]
+                hits += distances.index(min(distances)) == 0
+        scores.append(hits / (episodes * len(features)))
+    return scores
+
+
+def test_recognizability_matches_the_sample_by_sample_reference():
+    prototypes = _gaussian(7, 5, seed=1)
+    samples = [prototypes[t] + 1.5 * _gaussian(6, 5, seed=10 + t) for t in range(7)]
+    got = recognizability(samples, prototypes, ways=4, episodes=5, seed=3)
+    assert got == pytest.approx(_reference_recognizability(samples, prototypes, 4, 5, 3))
+    assert 0 < min(got) and max(got) < 1  # a test that can tell right from wrong: neither all hits nor none
+
+
+def test_recognizability_is_one_for_samples_at_their_prototype_and_zero_at_anothers():
+    prototypes = _gaussian(5, 3, seed=2)
+    own = [prototypes[t].expand(4, -1) + 1e-3 for t in range(5)]
+    assert recognizability(own, prototypes, ways=5, episodes=3) == [1.0] * 5
+    wrong = [prototypes[(t + 1) % 5].expand(4, -1) for t in range(5)]
+    assert recognizability(wrong, prototypes, ways=5, episodes=3) == [0.0] * 5
+
+
+def test_recognizability_of_features_unrelated_to_the_tasks_is_chance():
+    prototypes = _gaussian(40, 8, seed=4)
+    samples = [_gaussian(50, 8, seed=100 + t) for t in range(40)]
+    assert np.mean(recognizability(samples, prototypes, ways=20, episodes=20, seed=0)) == pytest.approx(1 / 20, abs=0.02)
+
+
+def test_recognizability_bad_input_names_it():
+    prototypes = _gaussian(4, 3, seed=5)
+    samples = [_gaussian(2, 3, seed=t) for t in range(4)]
+    with pytest.raises(ValueError, match="samples of 3 tasks but 4 prototypes"):
+        recognizability(samples[:3], prototypes, ways=2)
+    with pytest.raises(ValueError, match="2 <= ways <= 4"):
+        recognizability(samples, prototypes, ways=5)
+    with pytest.raises(ValueError, match="samples\\[1\\] has feature dimension 2"):
+        recognizability([samples[0], _gaussian(2, 2, seed=9), *samples[2:]], prototypes, ways=2)
+    with pytest.raises(ValueError, match="episodes >= 1"):
+        recognizability(samples, prototypes, ways=2, episodes=0)

@@ -3,20 +3,25 @@
     python launch/evaluate.py runs/maml runs/reptile --shots 4 --steps 10 --out eval/
     metagan-evaluate maml=runs/a/checkpoints/step-00002000 metasgd=runs/b --baselines scratch --tasks 20
 
-For each meta-test task and seed: k shots at random, the rest of the task held out as the real
-reference. Every method adapts to the same shots with the same noise, for the curve's step counts
-(0, 1, 2, 5, 10, 20, 50 and S), then draws M samples per task, scored against the held-out images in
-the feature space of a task classifier trained on the meta-train tasks (cached as
-<pool>/feature_net.pt): KID (primary), FID, k-NN precision/recall, diversity.
+For each meta-test task and seed: k shots at random; the rest of the task is split into an exam set
+and a reference set. Every method adapts to the same shots with the same noise, for the curve's step
+counts (0, 1, 2, 5, 10, 20, 50 and S), then draws M samples per task, scored against the reference
+set in the feature space of a task classifier trained on the meta-train tasks (cached as
+<pool>/feature_net.pt): recognizability first (is it the task? N-way nearest-prototype accuracy of
+the samples, a task's prototype being the mean feature of its reference set), then k-NN
+precision/recall, KID, FID and diversity. Reference rows are scored exactly like samples: `real`
+(the exam images: the ceiling), `shots` (the k shots: the copy baseline), `other-task` (another
+task's exam images); every init is also scored before adaptation (S = 0).
 
 Methods: each checkpoint (adapted with --rules, default its meta-learned inner rule); `scratch`, a
 random init of the same architecture (a fresh one per seed); `pretrain-finetune`, one GAN trained
 with Adam on the union of the meta-train tasks for the same compute as the first checkpoint's
 meta-training (the same number of real-image evaluations: meta-steps x ranks x tasks per rank x
 (inner steps x k + q)), from its initial weights. Baselines adapt with each of --baseline-rules
-(default: plain SGD at the first checkpoint's meta.inner_lr, the same rule as its meta-learned init).
+(default: the first checkpoint's own inner rule, written as sgd:LR or adam:LR:BETA1).
 
-Writes OUT/results.json, OUT/results.md, OUT/kid_vs_steps.png and OUT/grids/<method>.png.
+Writes OUT/results.json, OUT/results.md, OUT/curves.png (recognizability and KID against steps)
+and OUT/grids/<method>.png (per task: the k shots, then samples after S steps).
 """
 
 from __future__ import annotations
@@ -37,8 +42,8 @@ from metagan_dist.evaluation.checkpoint_model import MetaLearnedGAN, load_meta_l
 from metagan_dist.evaluation.cli_support import DEVICES, open_pool, pick_device, run_command
 from metagan_dist.evaluation.features import load_or_train_feature_net
 from metagan_dist.evaluation.harness import EvalPlan, Method, check_plan, evaluate
-from metagan_dist.evaluation.report import build_report, markdown, plot_kid_curves
-from metagan_dist.evaluation.rules import parse_rule
+from metagan_dist.evaluation.report import build_report, markdown, plot_curves
+from metagan_dist.evaluation.rules import Rule, parse_rule
 from metagan_dist.sampling import save_grid
 
 CURVE_STEPS = (0, 1, 2, 5, 10, 20, 50)
@@ -61,14 +66,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--curve-steps", default=",".join(map(str, CURVE_STEPS)),
                         help="comma-separated step counts of the KID curve; S is added (default: 0,1,2,5,10,20,50)")
     parser.add_argument("--samples", type=int, default=64, help="M samples per task (default: 64)")
+    parser.add_argument("--ways", type=int, default=20,
+                        help="N of recognizability's N-way episodes, chance 1/N; at most the number of tasks (default: 20)")
+    parser.add_argument("--episodes", type=int, default=20, help="N-way episodes per task (default: 20)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1: shots, noise and scratch inits (default: 3)")
     parser.add_argument("--rules", nargs="+", default=["meta"], metavar="RULE",
-                        help="rules the checkpoints adapt with: meta (the learned inner rule), sgd:LR, adam:LR (default: meta)")
+                        help="rules the checkpoints adapt with: meta (the checkpoint's own inner rule: SGD, Adam or "
+                             "Meta-SGD's rates), sgd:LR, adam:LR[:BETA1] (BETA1 default 0.5) (default: meta)")
     parser.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES,
                         help="baselines to run (default: both; give none for none)")
     parser.add_argument("--baseline-rules", nargs="+", metavar="RULE",
-                        help="rules the baselines adapt with, each its own row: sgd:LR, adam:LR (default: sgd at the "
-                             "first checkpoint's meta.inner_lr, the rule its meta-learned init adapts with)")
+                        help="rules the baselines adapt with, each its own row: sgd:LR, adam:LR[:BETA1] (default: the "
+                             "first checkpoint's own inner rule, the rule its meta-learned init adapts with)")
     parser.add_argument("--pretrain-batch", type=int, default=baselines.PRETRAIN_BATCH,
                         help=f"images per pretraining step; the step count follows from the budget (default: {baselines.PRETRAIN_BATCH})")
     parser.add_argument("--kid-subsets", type=int, default=20, help="random subsets averaged per KID estimate (default: 20)")
@@ -78,7 +87,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default (use 1-2 on a busy box)")
     parser.add_argument("--out", default="eval", help="output folder (default: eval)")
     args = parser.parse_args(argv)
-    for name in ("tasks", "steps", "seeds", "samples", "shots", "kid_subsets", "feature_epochs", "grid_tasks", "pretrain_batch"):
+    for name in ("tasks", "steps", "seeds", "samples", "shots", "kid_subsets", "feature_epochs", "grid_tasks",
+                 "pretrain_batch", "ways", "episodes"):
         value = getattr(args, name)
         if value is not None and value < (0 if name in ("tasks", "steps") else 1):
             parser.error(f"--{name.replace('_', '-')} must be at least {0 if name in ('tasks', 'steps') else 1}, got {value}")
@@ -131,7 +141,7 @@ def build_methods(
     _, reference = loaded[0]
     config, shape = reference.config, reference.image_shape
     rules = [parse_rule(spec) for spec in args.rules]
-    baseline_rules = [parse_rule(spec) for spec in args.baseline_rules or [f"sgd:{config.meta.inner_lr}"]]
+    baseline_rules = [parse_rule(spec) for spec in args.baseline_rules] if args.baseline_rules else [own_rule(config)]
     if any(rule.kind == "meta" for rule in baseline_rules):
         raise ValueError("--baseline-rules: baselines have no meta-learned inner rule; use sgd:LR or adam:LR")
     methods = []
@@ -167,6 +177,12 @@ def build_methods(
     return methods, pretrain_record
 
 
+def own_rule(config) -> Rule:
+    """A checkpoint's inner rule as an explicit rule a baseline can use (Meta-SGD: SGD at its initial rate)."""
+    meta = config.meta
+    return Rule("adam", meta.inner_lr, meta.inner_beta1) if meta.inner_rule == "adam" else Rule("sgd", meta.inner_lr)
+
+
 def run(args: argparse.Namespace) -> None:
     """Load, build the methods, evaluate, write JSON, markdown, plot and grids, print the table."""
     if args.threads > 0:
@@ -180,8 +196,12 @@ def run(args: argparse.Namespace) -> None:
                          f"{reference.image_shape} (C, H, W)")
     keys = pool.keys(args.split)
     keys = keys[: args.tasks] if args.tasks else keys
+    ways = min(args.ways, len(keys))
+    if ways < args.ways:
+        print(f"note: {len(keys)} tasks: recognizability uses {ways}-way episodes instead of {args.ways}-way")
     plan = EvalPlan(tasks=pool.load_tasks(args.split, keys), shots=args.shots or reference.config.data.shots,
-                    steps=args.curve, samples=args.samples, seeds=list(range(args.seeds)), kid_subsets=args.kid_subsets)
+                    steps=args.curve, samples=args.samples, seeds=list(range(args.seeds)), kid_subsets=args.kid_subsets,
+                    ways=ways, episodes=args.episodes)
     check_plan(plan)
     images, labels = meta_train_images(pool)
     feature_net = load_or_train_feature_net(pool.path / FEATURE_NET_FILE, images, labels,
@@ -189,26 +209,28 @@ def run(args: argparse.Namespace) -> None:
     methods, pretrain_record = build_methods(args, loaded, pool, images, device)
 
     start = time.perf_counter()
-    scores, grid_shots = evaluate(methods, plan, feature_net, device, grid_step=args.steps, grid_tasks=args.grid_tasks)
+    scores, references, grid_shots = evaluate(methods, plan, feature_net, device, grid_step=args.steps,
+                                              grid_tasks=args.grid_tasks)
     settings = {
         "pool": str(pool.path), "split": args.split, "tasks": len(keys), "task_keys": keys, "shots": plan.shots,
         "steps": args.steps, "curve_steps": plan.steps, "samples": plan.samples, "seeds": plan.seeds,
+        "ways": plan.ways, "episodes": plan.episodes,
         "kid_subsets": plan.kid_subsets, "feature_net": {"path": str(pool.path / FEATURE_NET_FILE),
                                                          "heldout_accuracy": feature_net.heldout_accuracy},
         "pretrain": pretrain_record, "device": str(device), "torch_threads": torch.get_num_threads(),
         "machine": platform.platform(), "evaluate_seconds": round(time.perf_counter() - start, 1),
     }
-    report = build_report(methods, scores, args.steps, settings)
+    report = build_report(methods, scores, references, args.steps, settings)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=1))
     table = markdown(report)
     (out / "results.md").write_text(table)
-    plot_kid_curves(report, out / "kid_vs_steps.png")
+    plot_curves(report, out / "curves.png")
     for method in methods:
         save_grid(grid_shots, scores[method.label].grid[:, :GRID_SAMPLES], out / "grids" / f"{_slug(method.label)}.png")
-    print(f"\n{table}\nwritten to {out}: results.json, results.md, kid_vs_steps.png, grids/ "
+    print(f"\n{table}\nwritten to {out}: results.json, results.md, curves.png, grids/ "
           f"({len(methods)} methods; evaluation {settings['evaluate_seconds']} s)")
 
 

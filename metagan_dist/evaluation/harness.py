@@ -1,9 +1,12 @@
 """The evaluation loop: every method adapts to the same shots with the same noise; samples are scored per task.
 
-For each seed, each task's images are split at random into k shots and the held-out rest (the real
-reference); the adaptation noise and the sample noise are drawn once per seed and shared by all
-methods. After each of the curve's step counts, M samples per task are compared with that task's
-held-out images in the feature space of the task classifier.
+For each seed, each task's images are split at random into k shots, an exam set and a reference
+set (the rest). Samples are scored against the reference set in the feature space of the task
+classifier; so are three reference rows, exactly like samples: `real` (the exam images: the
+ceiling), `shots` (the k shots: the copy baseline) and `other-task` (the next task's exam images:
+the level of a wrong task). A task's prototype for recognizability is the mean feature of its
+reference set. The adaptation noise and the sample noise are drawn once per seed and shared by
+all methods.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from tqdm import tqdm
 
 from metagan_dist.data import images_to_tensor
 from metagan_dist.evaluation.features import FeatureNet
-from metagan_dist.evaluation.metrics import diversity, fid, kid, precision_recall
+from metagan_dist.evaluation.metrics import diversity, fid, kid, precision_recall, recognizability
 from metagan_dist.evaluation.rules import Rule, start_adaptation
 from metagan_dist.meta import MetaLearner
 
-METRICS = ("kid", "fid", "precision", "recall", "diversity")
+METRICS = ("recognizability", "precision", "recall", "kid", "fid", "diversity")
+REFERENCES = ("real", "shots", "other-task")
 PR_NEIGHBOURS = 3  # k of the k-NN manifolds of precision/recall
+MIN_SET = PR_NEIGHBOURS + 1  # the fewest images in the exam and reference sets
 
 
 @dataclass
@@ -33,7 +38,7 @@ class Method:
 
     name: str  # maml | fomaml | reptile | metasgd | scratch | pretrain-finetune (or a user's name)
     kind: str  # meta-learned | baseline
-    learner: MetaLearner  # architecture, GAN loss and (for the meta rule) inner rate
+    learner: MetaLearner  # architecture, GAN loss, inner rule and D steps
     rule: Rule
     init: Callable[[int], tuple[Tensor, Tensor]]  # seed -> flat θ_G [P_G], θ_D [P_D]
     source: str  # where the init comes from, for the report
@@ -54,28 +59,41 @@ class EvalPlan:
     samples: int  # M per task
     seeds: list[int]
     kid_subsets: int
+    ways: int = 20  # N of recognizability's N-way episodes (at most the number of tasks)
+    episodes: int = 20  # N-way episodes per task
+
+    def exam_size(self, images: int) -> int:
+        """Images of a task set aside as the `real` row's exam; the rest after the shots is the reference."""
+        return (images - self.shots) // 2
 
 
 @dataclass
-class MethodScores:
-    """Per-step scores of one method: values[step][metric] is a [seeds, tasks] list of lists."""
+class Scores:
+    """Per-step scores of one row: values[step][metric] is a [seeds, tasks] list of lists."""
 
     values: dict[int, dict[str, list[list[float]]]] = field(default_factory=dict)
     grid: Tensor | None = None  # samples [grid_tasks, M, C, H, W] of the first seed at `grid_step`
 
+    def add(self, step: int, per_task: list[dict[str, float]]) -> None:
+        row = self.values.setdefault(step, {name: [] for name in METRICS})
+        for name in METRICS:
+            row[name].append([scores[name] for scores in per_task])
+
 
 def check_plan(plan: EvalPlan) -> None:
-    """Every task must give k shots and enough held-out images for every metric."""
-    need = plan.shots + PR_NEIGHBOURS + 1
+    """Every task must give k shots and exam and reference sets big enough for every metric."""
+    need = plan.shots + 2 * MIN_SET
     short = {key: len(images) for key, images in plan.tasks.items() if len(images) < need}
     if short:
         key, count = next(iter(short.items()))
         raise ValueError(
             f"task {key!r} has {count} images; evaluating with k={plan.shots} shots needs at least {need} "
-            f"(k shots + {PR_NEIGHBOURS + 1} held out for precision/recall); {len(short)} task(s) are short"
+            f"(k shots + {MIN_SET} exam + {MIN_SET} reference images for precision/recall); {len(short)} task(s) are short"
         )
-    if plan.samples < PR_NEIGHBOURS + 1:
-        raise ValueError(f"--samples must be at least {PR_NEIGHBOURS + 1} for precision/recall, got {plan.samples}")
+    if plan.samples < MIN_SET:
+        raise ValueError(f"--samples must be at least {MIN_SET} for precision/recall, got {plan.samples}")
+    if not 2 <= plan.ways <= len(plan.tasks):
+        raise ValueError(f"recognizability's N-way episodes need 2 <= ways <= {len(plan.tasks)} tasks, got {plan.ways}")
 
 
 def evaluate(
@@ -86,16 +104,17 @@ def evaluate(
     grid_step: int,
     grid_tasks: int,
     progress: bool = True,
-) -> tuple[dict[str, MethodScores], Tensor]:
-    """Scores of every method (by label) on every task, seed and step count of the plan.
+) -> tuple[dict[str, Scores], dict[str, Scores], Tensor]:
+    """Scores of every method (by label) and of every reference row, on every task, seed and step count.
 
-    Also returns the first seed's shots of the first `grid_tasks` tasks [grid_tasks, k, C, H, W],
-    the shots beside which each method's `grid` samples were drawn.
+    Reference rows are scored once per seed, at step 0. Also returns the first seed's shots of the
+    first `grid_tasks` tasks [grid_tasks, k, C, H, W], beside which each method's `grid` was drawn.
     """
     check_plan(plan)
     keys = list(plan.tasks)
     task_features = [feature_net.features(images_to_tensor(plan.tasks[key]).to(device)) for key in keys]
-    scores = {method.label: MethodScores() for method in methods}
+    scores = {method.label: Scores() for method in methods}
+    references = {name: Scores() for name in REFERENCES}
     z_dim = methods[0].learner.G.module.z_dim
     bar = tqdm(total=len(plan.seeds) * len(methods), desc="evaluate", unit="method", disable=not progress)
     for seed_index, seed in enumerate(plan.seeds):
@@ -105,7 +124,16 @@ def evaluate(
         support = support.to(device)
         if seed_index == 0:
             grid_shots = support[:grid_tasks].cpu()
-        real = [features[o[plan.shots :]] for features, o in zip(task_features, orders)]
+        exams, refs = [], []
+        for features, order in zip(task_features, orders):
+            exam_end = plan.shots + plan.exam_size(len(order))
+            exams.append(features[order[plan.shots : exam_end]])
+            refs.append(features[order[exam_end:]])
+        judge = Judge(refs, plan, seed)
+        shots = [features[order[: plan.shots]] for features, order in zip(task_features, orders)]
+        references["real"].add(0, judge(exams))
+        references["shots"].add(0, judge(shots))
+        references["other-task"].add(0, judge(exams[1:] + exams[:1]))
         noise = torch.Generator().manual_seed(seed)
         inner_noise = torch.randn(plan.steps[-1], len(keys), plan.shots, z_dim, generator=noise).to(device)
         inner_mix = torch.rand(plan.steps[-1], len(keys), plan.shots, generator=noise).to(device)
@@ -120,29 +148,40 @@ def evaluate(
                 with torch.no_grad():
                     samples = method.learner.G(adaptation.generator, sample_noise)
                 fake = feature_net.features(samples.flatten(0, 1)).view(len(keys), plan.samples, -1)
-                per_metric = result.values.setdefault(step, {name: [] for name in METRICS})
-                task_scores = [score(r, f, plan.kid_subsets, seed) for r, f in zip(real, fake)]
-                for name in METRICS:
-                    per_metric[name].append([s[name] for s in task_scores])
+                result.add(step, judge(list(fake)))
                 if seed_index == 0 and step == grid_step:
                     result.grid = samples[:grid_tasks].cpu()
             bar.update()
     bar.close()
-    return scores, grid_shots
+    return scores, references, grid_shots
 
 
-def score(real: Tensor, fake: Tensor, kid_subsets: int, seed: int) -> dict[str, float]:
-    """Every metric of fake features [M, d] against real features [N, d] of one task.
+class Judge:
+    """Scores one feature set per task against the tasks' reference sets: every metric, per task."""
 
-    Samples of a diverged adaptation (NaN/inf parameters) have non-finite features: every metric is NaN then.
-    """
-    if not torch.isfinite(fake).all():
-        return {name: math.nan for name in METRICS}
-    precision, recall = precision_recall(real, fake, k=PR_NEIGHBOURS)
-    return {
-        "kid": kid(real, fake, subsets=kid_subsets, seed=seed)[0],
-        "fid": fid(real, fake),
-        "precision": precision,
-        "recall": recall,
-        "diversity": diversity(fake),
-    }
+    def __init__(self, references: list[Tensor], plan: EvalPlan, seed: int):
+        self.references, self.plan, self.seed = references, plan, seed
+        self.prototypes = torch.stack([ref.mean(0) for ref in references])
+
+    def __call__(self, sets: list[Tensor]) -> list[dict[str, float]]:
+        """Metrics of sets[i] [M_i, d] as samples of task i. A set with NaN/inf features (a diverged
+        adaptation) scores NaN everywhere; a set too small for a metric (k < 4 shots) scores None there."""
+        finite = [bool(torch.isfinite(s).all()) for s in sets]
+        safe = [s if ok else torch.zeros_like(s) for s, ok in zip(sets, finite)]
+        recognised = recognizability(safe, self.prototypes, self.plan.ways, self.plan.episodes, self.seed)
+        scores = []
+        for ref, fake, ok, hit in zip(self.references, sets, finite, recognised):
+            if not ok:
+                scores.append({name: math.nan for name in METRICS})
+                continue
+            big = len(fake) >= MIN_SET
+            precision, recall = precision_recall(ref, fake, k=PR_NEIGHBOURS) if big else (None, None)
+            scores.append({
+                "recognizability": hit,
+                "precision": precision,
+                "recall": recall,
+                "kid": kid(ref, fake, subsets=self.plan.kid_subsets, seed=self.seed)[0] if len(fake) >= 2 else None,
+                "fid": fid(ref, fake) if len(fake) >= 2 else None,
+                "diversity": diversity(fake) if len(fake) >= 2 else None,
+            })
+        return scores

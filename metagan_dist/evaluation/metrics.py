@@ -1,4 +1,4 @@
-"""Sample-quality metrics on feature matrices [N, d]: FID, KID, k-NN precision/recall, diversity.
+"""Sample-quality metrics on feature matrices [N, d]: recognizability, FID, KID, k-NN precision/recall, diversity.
 
 Every function accepts torch tensors or numpy arrays, computes in float64 on the CPU and returns
 plain Python floats. Bad input (wrong rank, mismatched feature dimensions, too few samples, NaN or
@@ -97,6 +97,40 @@ def diversity(features: FeatureMatrix) -> float:
     n = len(features)
     upper = torch.triu_indices(n, n, offset=1)
     return float(_pairwise_distances(features, features)[upper[0], upper[1]].mean())
+
+
+def recognizability(
+    samples: list[FeatureMatrix], prototypes: FeatureMatrix, ways: int = 20, episodes: int = 20, seed: int = 0
+) -> list[float]:
+    """Is each task's sample set recognisably that task? Per task, N-way nearest-prototype accuracy.
+
+    samples[i] [M_i, d]: features of task i's samples; prototypes [T, d]: row i is task i's prototype
+    (the mean feature of its held-out real images). For each task, `episodes` N-way episodes pair it
+    with N - 1 other tasks drawn at random; every sample is classified by its nearest prototype
+    (Euclidean) among the episode's N, and the task scores the share classified as itself, averaged
+    over its episodes. Chance is 1 / N.
+    """
+    prototypes = _as_features(prototypes, "prototypes", min_samples=2)
+    tasks = len(prototypes)
+    if len(samples) != tasks:
+        raise ValueError(f"recognizability got samples of {len(samples)} tasks but {tasks} prototypes")
+    if not 2 <= ways <= tasks:
+        raise ValueError(f"recognizability needs 2 <= ways <= {tasks} (the number of tasks), got ways={ways}")
+    if episodes < 1:
+        raise ValueError(f"recognizability needs episodes >= 1, got episodes={episodes}")
+    rng = np.random.default_rng(seed)
+    scores = []
+    for task, features in enumerate(samples):
+        features = _as_features(features, f"samples[{task}]", min_samples=1)
+        if features.shape[1] != prototypes.shape[1]:
+            raise ValueError(
+                f"samples[{task}] has feature dimension {features.shape[1]} but prototypes have {prototypes.shape[1]}"
+            )
+        others = np.delete(np.arange(tasks), task)
+        columns = np.stack([np.concatenate([[task], rng.choice(others, ways - 1, replace=False)]) for _ in range(episodes)])
+        distances = torch.cdist(features, prototypes)[:, torch.from_numpy(columns)]  # [M, episodes, N]
+        scores.append(float((distances.argmin(dim=2) == 0).double().mean()))
+    return scores
 
 
 def _covariance(samples: Tensor) -> Tensor:
