@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metagan_dist import EpisodeBatch, MetaLearner, build_pair, meta_gradients
+from metagan_dist import EpisodeBatch, MetaLearner, meta_gradients
 from metagan_dist.checkpoint import CHECKPOINT_VERSION, CheckpointStore, load_trainer_state, save_file_atomic
 from metagan_dist.config import describe_options, incompatible_keys, load_config, save_config, to_dict
 from metagan_dist.data import Pool, TaskStream, ensure_glyphs_pool, images_to_tensor
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- model: meta-parameters as flat buffers, identical on every rank (same seed; checked below) ----
     torch.manual_seed(cfg.run.seed)
-    G, D = build_pair(cfg.model.arch, cfg.model.z_dim, pool.image_shape, cfg.model.width or None)
+    G, D = cfg.model.build(pool.image_shape)
     G, D = G.to(ctx.device), D.to(ctx.device)
     learner = MetaLearner(G, D, cfg.meta)
     params = MetaParameters(

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from metagan_dist.meta import MetaConfig
-from metagan_dist.models import ARCHITECTURES
+from metagan_dist.models import ARCHITECTURES, DEFAULT_NORMS, NORMS, build_pair
 from metagan_dist.options import opt
 
 ENGINES = ("torch", "deepspeed")
@@ -26,11 +28,22 @@ class ModelConfig:
     arch: str = opt("mlp", "generator/discriminator pair: mlp (the seed's) | dcgan (32x32 or 64x64)")
     z_dim: int = opt(64, "noise dimension of the generator")
     width: int = opt(0, "MLP hidden size of G (D gets half) or DCGAN base channels; 0 = default (256 / 64)")
+    g_norm: str = opt("auto", "generator normalisation, per sample: none | layer | group | auto (mlp: none, dcgan: group)")
+    d_norm: str = opt("auto", "discriminator normalisation, per sample: none | layer | group | auto (none)")
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"unknown model.arch {self.arch!r}; expected one of {ARCHITECTURES}")
         _positive("model.z_dim", self.z_dim)
+        for name in ("g_norm", "d_norm"):
+            if getattr(self, name) not in ("auto", *NORMS):
+                raise ValueError(f"unknown model.{name} {getattr(self, name)!r}; expected auto or one of {NORMS}")
+
+    def build(self, image_shape: tuple[int, int, int]) -> tuple[nn.Module, nn.Module]:
+        """The (generator, discriminator) pair this config describes, for images of `image_shape`."""
+        defaults = DEFAULT_NORMS[self.arch]
+        norms = tuple(default if chosen == "auto" else chosen for chosen, default in zip((self.g_norm, self.d_norm), defaults))
+        return build_pair(self.arch, self.z_dim, image_shape, self.width or None, norms)
 
 
 @dataclass

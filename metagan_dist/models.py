@@ -13,16 +13,31 @@ import math
 from torch import Tensor, nn
 
 ARCHITECTURES = ("mlp", "dcgan")
+NORMS = ("none", "layer", "group")  # per-sample normalisations only: no batch statistics that would mix tasks
+DEFAULT_NORMS = {"mlp": ("none", "none"), "dcgan": ("group", "none")}  # (G, D): the pairs as first published here
+
+
+def norm_layers(kind: str, channels: int) -> list[nn.Module]:
+    """The normalisation of `channels` features, using each sample's own statistics: [] for none.
+
+    layer: LayerNorm over all of a sample's features (GroupNorm with one group); group: GroupNorm
+    with up to 4 groups. Spectral norm is not offered: its power iteration keeps state between calls.
+    """
+    if kind not in NORMS:
+        raise ValueError(f"unknown normalisation {kind!r}; expected one of {NORMS}")
+    groups = {"none": 0, "layer": 1, "group": math.gcd(4, channels)}[kind]
+    return [nn.GroupNorm(groups, channels)] if groups else []
 
 
 class MLPGenerator(nn.Module):
-    """The seed's generator: z -> hidden (ReLU) -> C*H*W (Tanh)."""
+    """The seed's generator: z -> hidden (ReLU) -> C*H*W (Tanh); optionally normalised before the ReLU."""
 
-    def __init__(self, z_dim: int, image_shape: tuple[int, int, int], hidden: int = 256):
+    def __init__(self, z_dim: int, image_shape: tuple[int, int, int], hidden: int = 256, norm: str = "none"):
         super().__init__()
         self.z_dim, self.image_shape = z_dim, tuple(image_shape)
         self.net = nn.Sequential(
-            nn.Linear(z_dim, hidden), nn.ReLU(), nn.Linear(hidden, math.prod(image_shape)), nn.Tanh()
+            nn.Linear(z_dim, hidden), *norm_layers(norm, hidden), nn.ReLU(), nn.Linear(hidden, math.prod(image_shape)),
+            nn.Tanh(),
         )
 
     def forward(self, z: Tensor) -> Tensor:
@@ -32,11 +47,12 @@ class MLPGenerator(nn.Module):
 class MLPDiscriminator(nn.Module):
     """The seed's discriminator without its final Sigmoid: C*H*W -> hidden (LeakyReLU 0.01) -> logit."""
 
-    def __init__(self, image_shape: tuple[int, int, int], hidden: int = 128):
+    def __init__(self, image_shape: tuple[int, int, int], hidden: int = 128, norm: str = "none"):
         super().__init__()
         self.image_shape = tuple(image_shape)
         self.net = nn.Sequential(
-            nn.Flatten(), nn.Linear(math.prod(image_shape), hidden), nn.LeakyReLU(0.01), nn.Linear(hidden, 1)
+            nn.Flatten(), nn.Linear(math.prod(image_shape), hidden), *norm_layers(norm, hidden), nn.LeakyReLU(0.01),
+            nn.Linear(hidden, 1),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -50,15 +66,10 @@ def _dcgan_levels(size: int) -> int:
     return int(math.log2(size)) - 2
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
-    # Per-sample statistics: each image is normalised on its own, so task copies never mix.
-    return nn.GroupNorm(math.gcd(4, channels), channels)
-
-
 class DCGANGenerator(nn.Module):
     """DCGAN generator: z -> 4x4 map -> transposed convs doubling the size -> C x size x size."""
 
-    def __init__(self, z_dim: int, image_shape: tuple[int, int, int], width: int = 64):
+    def __init__(self, z_dim: int, image_shape: tuple[int, int, int], width: int = 64, norm: str = "group"):
         super().__init__()
         channels, height, width_px = image_shape
         if height != width_px:
@@ -66,9 +77,9 @@ class DCGANGenerator(nn.Module):
         self.z_dim, self.image_shape = z_dim, tuple(image_shape)
         levels = _dcgan_levels(height)
         c = width * 2 ** (levels - 1)
-        layers: list[nn.Module] = [nn.ConvTranspose2d(z_dim, c, 4, 1, 0, bias=False), _group_norm(c), nn.ReLU()]
+        layers: list[nn.Module] = [nn.ConvTranspose2d(z_dim, c, 4, 1, 0, bias=norm == "none"), *norm_layers(norm, c), nn.ReLU()]
         for _ in range(levels - 1):
-            layers += [nn.ConvTranspose2d(c, c // 2, 4, 2, 1, bias=False), _group_norm(c // 2), nn.ReLU()]
+            layers += [nn.ConvTranspose2d(c, c // 2, 4, 2, 1, bias=norm == "none"), *norm_layers(norm, c // 2), nn.ReLU()]
             c //= 2
         layers += [nn.ConvTranspose2d(c, channels, 4, 2, 1), nn.Tanh()]
         self.net = nn.Sequential(*layers)
@@ -78,9 +89,9 @@ class DCGANGenerator(nn.Module):
 
 
 class DCGANDiscriminator(nn.Module):
-    """DCGAN discriminator without normalisation (WGAN-GP needs per-sample gradients): -> logit."""
+    """DCGAN discriminator, by default without normalisation (per-sample norms keep WGAN-GP's gradients per sample)."""
 
-    def __init__(self, image_shape: tuple[int, int, int], width: int = 64):
+    def __init__(self, image_shape: tuple[int, int, int], width: int = 64, norm: str = "none"):
         super().__init__()
         channels, height, _ = image_shape
         self.image_shape = tuple(image_shape)
@@ -88,7 +99,7 @@ class DCGANDiscriminator(nn.Module):
         layers: list[nn.Module] = [nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.2)]
         c = width
         for _ in range(levels - 1):
-            layers += [nn.Conv2d(c, c * 2, 4, 2, 1), nn.LeakyReLU(0.2)]
+            layers += [nn.Conv2d(c, c * 2, 4, 2, 1), *norm_layers(norm, c * 2), nn.LeakyReLU(0.2)]
             c *= 2
         layers += [nn.Conv2d(c, 1, 4, 1, 0)]
         self.net = nn.Sequential(*layers)
@@ -98,16 +109,23 @@ class DCGANDiscriminator(nn.Module):
 
 
 def build_pair(
-    arch: str, z_dim: int, image_shape: tuple[int, int, int], width: int | None = None
+    arch: str,
+    z_dim: int,
+    image_shape: tuple[int, int, int],
+    width: int | None = None,
+    norms: tuple[str, str] | None = None,
 ) -> tuple[nn.Module, nn.Module]:
-    """A (generator, discriminator) pair. `width`: MLP hidden size of G (D gets half) or DCGAN base channels."""
+    """A (generator, discriminator) pair. `width`: MLP hidden size of G (D gets half) or DCGAN base channels;
+    `norms`: (G, D) normalisations from NORMS (default: DEFAULT_NORMS of the architecture)."""
     image_shape = tuple(image_shape)
     if len(image_shape) != 3 or image_shape[0] not in (1, 3):
         raise ValueError(f"image_shape must be (C, H, W) with 1 or 3 channels, got {image_shape}")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
+    norm_g, norm_d = norms or DEFAULT_NORMS[arch]
     if arch == "mlp":
         hidden = width or 256
-        return MLPGenerator(z_dim, image_shape, hidden), MLPDiscriminator(image_shape, max(1, hidden // 2))
-    if arch == "dcgan":
-        base = width or 64
-        return DCGANGenerator(z_dim, image_shape, base), DCGANDiscriminator(image_shape, base)
-    raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
+        return (MLPGenerator(z_dim, image_shape, hidden, norm_g),
+                MLPDiscriminator(image_shape, max(1, hidden // 2), norm_d))
+    base = width or 64
+    return DCGANGenerator(z_dim, image_shape, base, norm_g), DCGANDiscriminator(image_shape, base, norm_d)

@@ -29,6 +29,31 @@ def test_seed_mlp_pair_has_the_seed_layout():
     assert isinstance(D.net[2], nn.LeakyReLU) and D.net[2].negative_slope == 0.01
 
 
+@pytest.mark.parametrize("arch,shape", [("mlp", (1, 8, 8)), ("dcgan", (1, 32, 32))])
+@pytest.mark.parametrize("norm", ["layer", "group"])
+def test_normalised_pairs_normalise_each_sample_on_its_own(arch, shape, norm):
+    G, D = build_pair(arch, 4, shape, width=8, norms=(norm, norm))
+    assert any(isinstance(m, nn.GroupNorm) for m in G.modules()) and any(isinstance(m, nn.GroupNorm) for m in D.modules())
+    z = torch.randn(6, 4)
+    images = G(z)
+    # A sample's image and logit do not depend on the other samples of its batch.
+    torch.testing.assert_close(G(z[:1]), images[:1])
+    torch.testing.assert_close(D(images[:2]), D(images)[:2])
+    assert not list(G.buffers()) and not list(D.buffers())
+
+
+def test_model_config_builds_the_architectures_default_norms_unless_told():
+    from metagan_dist.config import ModelConfig
+
+    default_g, default_d = ModelConfig(arch="dcgan", width=4).build((1, 32, 32))
+    assert any(isinstance(m, nn.GroupNorm) for m in default_g.modules())
+    assert not any(isinstance(m, nn.GroupNorm) for m in default_d.modules())
+    plain_g, _ = ModelConfig(arch="dcgan", width=4, g_norm="none").build((1, 32, 32))
+    assert not any(isinstance(m, nn.GroupNorm) for m in plain_g.modules())
+    with pytest.raises(ValueError, match="unknown model.d_norm 'batch'"):
+        ModelConfig(d_norm="batch")
+
+
 def test_no_meta_learned_network_keeps_running_statistics():
     for arch, shape in [("mlp", (1, 28, 28)), ("dcgan", (3, 64, 64))]:
         for net in build_pair(arch, 8, shape):

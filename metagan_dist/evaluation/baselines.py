@@ -22,7 +22,6 @@ from metagan_dist.data import images_to_tensor
 from metagan_dist.flat import FlatLayout
 from metagan_dist.inner import InnerAdam
 from metagan_dist.meta import MetaLearner
-from metagan_dist.models import build_pair
 
 PRETRAIN_BATCH = 64
 
@@ -31,7 +30,7 @@ def random_init(config: TrainConfig, image_shape: tuple[int, int, int], seed: in
     """Flat θ_G [P_G], θ_D [P_D] of a freshly initialised pair of the config's architecture (seeded, CPU)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        generator, discriminator = build_pair(config.model.arch, config.model.z_dim, image_shape, config.model.width or None)
+        generator, discriminator = config.model.build(image_shape)
     return tuple(FlatLayout.of(net).flatten(p.detach() for p in net.parameters()) for net in (generator, discriminator))
 
 

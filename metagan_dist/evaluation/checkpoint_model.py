@@ -12,7 +12,6 @@ from metagan_dist.checkpoint import load_trainer_state, resolve_checkpoint
 from metagan_dist.config import TrainConfig, from_dict
 from metagan_dist.engine import load_meta_parameters
 from metagan_dist.meta import MetaLearner
-from metagan_dist.models import build_pair
 
 
 @dataclass
@@ -49,7 +48,7 @@ def load_meta_learned(path: str | Path, device: torch.device | str = "cpu") -> M
             f"{'holds' if params.generator_lr is not None else 'lacks'} Meta-SGD inner rates"
         )
     image_shape = tuple(state["image_shape"])
-    generator, discriminator = build_pair(config.model.arch, config.model.z_dim, image_shape, config.model.width or None)
+    generator, discriminator = config.model.build(image_shape)
     learner = MetaLearner(generator.to(device), discriminator.to(device), config.meta)
     rates = params.inner_lrs()
     return MetaLearnedGAN(
