@@ -9,16 +9,23 @@ type is an error naming the key and where it came from; values are validated bef
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from metagan_dist.meta import MetaConfig
+from metagan_dist.losses import LOSSES
+from metagan_dist.meta import ALGORITHMS, OBJECTIVES, MetaConfig
 from metagan_dist.models import ARCHITECTURES
 from metagan_dist.options import opt
 
 ENGINES = ("torch", "deepspeed")
 SHORT_TASK_POLICIES = ("skip", "error")
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "linear", "cosine")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -28,9 +35,7 @@ class ModelConfig:
     width: int = opt(0, "MLP hidden size of G (D gets half) or DCGAN base channels; 0 = default (256 / 64)")
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHITECTURES:
-            raise ValueError(f"unknown model.arch {self.arch!r}; expected one of {ARCHITECTURES}")
-        _positive("model.z_dim", self.z_dim)
+        check_section("model", self)
 
 
 @dataclass
@@ -41,29 +46,29 @@ class DataConfig:
     tasks_per_rank: int = opt(8, "T tasks each rank adapts per meta-step")
     batches_per_epoch: int = opt(100, "meta-steps per epoch of the task stream (the same on every rank)")
     workers: int = opt(1, "DataLoader worker processes per rank (0 = load in the training process)")
-    skip_corrupt: bool = opt(False, "skip unreadable shards with a logged count instead of stopping")
+    skip_corrupt: bool = opt(False, "leave out shards found damaged at start-up (logged) instead of stopping")
     short_tasks: str = opt("skip", "tasks with fewer than k+q images: skip (and count) | error")
-    sample_tasks: int = opt(6, "meta-test tasks shown in the sample grids")
+    sample_tasks: int = opt(6, "meta-test tasks shown in the sample grids (meta-train tasks if the pool has no test split)")
 
     def __post_init__(self) -> None:
-        for name in ("shots", "queries", "tasks_per_rank", "batches_per_epoch", "sample_tasks"):
-            _positive(f"data.{name}", getattr(self, name))
-        if self.workers < 0:
-            raise ValueError(f"data.workers must be >= 0, got {self.workers}")
-        if self.short_tasks not in SHORT_TASK_POLICIES:
-            raise ValueError(f"unknown data.short_tasks {self.short_tasks!r}; expected one of {SHORT_TASK_POLICIES}")
+        check_section("data", self)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = opt(1e-3, "outer learning rate β (Adam), for the meta-parameters and Meta-SGD's rates")
+    name: str = opt("adam", "outer optimizer of both engines: adam (AdamW: Adam with decoupled weight decay) | "
+                            "sgd (plain SGD, no momentum; with reptile: θ ← θ + lr·(mean θ_i − θ))")
+    lr: float = opt(1e-3, "outer learning rate β (ε for sgd), for the meta-parameters and Meta-SGD's rates")
+    schedule: str = opt("constant", "outer learning rate over the run: constant | linear (to 0 at run.steps) | "
+                                    "cosine (to 0 at run.steps)")
     beta1: float = opt(0.5, "Adam β1 of the outer optimizer (0.5 is the usual GAN choice)")
     beta2: float = opt(0.999, "Adam β2 of the outer optimizer")
-    weight_decay: float = opt(0.0, "decoupled weight decay of the outer optimizer")
-    grad_clip: float = opt(0.0, "clip the global norm of the meta-gradient; 0 = off")
+    weight_decay: float = opt(0.0, "decoupled weight decay of θ_G and θ_D (θ ← θ − lr·wd·θ), not of Meta-SGD's rates")
+    grad_clip: float = opt(0.0, "clip the global norm of the meta-gradient to this; 0 = off (the norm before "
+                                "clipping is logged as meta_grad_norm)")
 
     def __post_init__(self) -> None:
-        _positive("optim.lr", self.lr)
+        check_section("optim", self)
 
 
 @dataclass
@@ -79,25 +84,21 @@ class RunConfig:
     checkpoint_every: int = opt(500, "checkpoint every N steps (and at exit)")
     keep_checkpoints: int = opt(3, "checkpoints kept in out_dir/checkpoints (older ones are deleted)")
     check_every: int = opt(50, "verify every N steps that all ranks hold identical meta-parameters")
-    max_skipped_steps: int = opt(20, "stop with an error after this many consecutive non-finite steps")
+    max_skipped_steps: int = opt(20, "stop with an error after more than this many consecutive non-finite steps")
 
     def __post_init__(self) -> None:
-        for name in ("steps", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints", "check_every"):
-            _positive(f"run.{name}", getattr(self, name))
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"unknown run.device {self.device!r}; expected auto, cpu or cuda")
+        check_section("run", self)
 
 
 @dataclass
 class EngineConfig:
-    name: str = opt("torch", "outer optimizer: torch (Adam) | deepspeed (ZeRO from deepspeed_config)")
+    name: str = opt("torch", "outer step: torch (the optim.* optimizer; meta-gradient all-reduced in buckets) | "
+                             "deepspeed (the same optimizer inside a ZeRO engine from deepspeed_config)")
     deepspeed_config: str = opt("launch/configs/deepspeed_zero2.json", "DeepSpeed JSON config (engine=deepspeed)")
     bucket_mb: float = opt(25.0, "all-reduce bucket size in MiB for the meta-gradient (engine=torch)")
 
     def __post_init__(self) -> None:
-        if self.name not in ENGINES:
-            raise ValueError(f"unknown engine.name {self.name!r}; expected one of {ENGINES}")
-        _positive("engine.bucket_mb", self.bucket_mb)
+        check_section("engine", self)
 
 
 @dataclass
@@ -110,18 +111,123 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
+    def __post_init__(self) -> None:
+        check_section("meta", self.meta)  # MetaConfig (meta.py) checks its names itself; types and ranges here
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
 # Keys that may change when a run resumes; any other difference makes the checkpoint incompatible.
 RESUMABLE_CHANGES = (
     "run.steps", "run.log_every", "run.sample_every", "run.sample_steps", "run.checkpoint_every",
     "run.keep_checkpoints", "run.check_every", "run.max_skipped_steps", "run.threads", "run.device",
-    "run.out_dir", "data.skip_corrupt", "data.sample_tasks", "engine.bucket_mb",
+    "run.out_dir", "data.skip_corrupt", "data.sample_tasks", "data.workers", "engine.bucket_mb",
 )
 
+# ---- validation: one check per key, run whenever a section is built (YAML, command line or code) ----
 
-def _positive(name: str, value: float) -> None:
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
+Check = Callable[[str, Any], "str | None"]  # (key, value) -> what is wrong with it, or None
+
+
+def at_least(low: float, note: str = "") -> Check:
+    return lambda key, value: None if value >= low else f"{key} must be >= {low}{note}, got {value!r}"
+
+
+def above(low: float) -> Check:
+    return lambda key, value: None if value > low else f"{key} must be > {low}, got {value!r}"
+
+
+def below_one() -> Check:
+    """A value in [0, 1), e.g. Adam's betas."""
+    return lambda key, value: None if 0 <= value < 1 else f"{key} must be in [0, 1), got {value!r}"
+
+
+def one_of(choices: tuple[str, ...]) -> Check:
+    return lambda key, value: None if value in choices else f"unknown {key} {value!r}; expected one of {choices}"
+
+
+def not_empty() -> Check:
+    return lambda key, value: None if value.strip() else f"{key} must not be empty"
+
+
+def any_value() -> Check:
+    """Every value of the key's type is valid (booleans): the type check alone applies."""
+    return lambda key, value: None
+
+
+# One entry per key of every section (tests/test_config.py fails for a key without one); a new key
+# adds its line here. Types come from the dataclass annotations.
+CHECKS: dict[str, Check] = {
+    "model.arch": one_of(ARCHITECTURES),
+    "model.z_dim": at_least(1),
+    "model.width": at_least(0, " (0 = the architecture's default)"),
+    "data.pool": not_empty(),
+    "data.shots": at_least(1),
+    "data.queries": at_least(1),
+    "data.tasks_per_rank": at_least(1),
+    "data.batches_per_epoch": at_least(1),
+    "data.workers": at_least(0),
+    "data.skip_corrupt": any_value(),
+    "data.short_tasks": one_of(SHORT_TASK_POLICIES),
+    "data.sample_tasks": at_least(1),
+    "meta.algorithm": one_of(ALGORITHMS),
+    "meta.objective": one_of(OBJECTIVES),
+    "meta.loss": one_of(LOSSES),
+    "meta.inner_steps": at_least(1),
+    "meta.inner_lr": above(0),
+    "meta.gp_weight": at_least(0),
+    "meta.inner_clip": at_least(0, " (0 turns it off)"),
+    "optim.name": one_of(OPTIMIZERS),
+    "optim.lr": above(0),
+    "optim.schedule": one_of(SCHEDULES),
+    "optim.beta1": below_one(),
+    "optim.beta2": below_one(),
+    "optim.weight_decay": at_least(0),
+    "optim.grad_clip": at_least(0, " (0 turns it off)"),
+    "run.out_dir": not_empty(),
+    "run.steps": at_least(1),
+    "run.seed": at_least(0),
+    "run.device": one_of(DEVICES),
+    "run.threads": at_least(0, " (0 = CPU cores / ranks on this node)"),
+    "run.log_every": at_least(1),
+    "run.sample_every": at_least(1),
+    "run.sample_steps": at_least(1),
+    "run.checkpoint_every": at_least(1),
+    "run.keep_checkpoints": at_least(1),
+    "run.check_every": at_least(1),
+    "run.max_skipped_steps": at_least(0),
+    "engine.name": one_of(ENGINES),
+    "engine.deepspeed_config": not_empty(),
+    "engine.bucket_mb": above(0),
+}
+
+
+def check_section(name: str, section: Any) -> None:
+    """Type and range of every key of one config section; a ValueError naming the first bad key."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        key, value = f"{name}.{f.name}", getattr(section, f.name)
+        problem = _type_problem(key, value, hints.get(f.name))
+        if problem is None and key in CHECKS:
+            problem = CHECKS[key](key, value)
+        if problem is not None:
+            raise ValueError(problem)
+
+
+def _type_problem(key: str, value: Any, expected: Any) -> str | None:
+    if expected is bool:
+        ok = isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and not math.isfinite(value):
+            return f"{key} must be a finite number, got {value!r}"
+    elif expected is str:
+        ok = isinstance(value, str)
+    else:  # an annotation this table does not know: the key's own check decides
+        return None
+    return None if ok else f"{key} must be of type {expected.__name__}, got {type(value).__name__} {value!r}"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
@@ -142,7 +248,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
         sources.append(("the command line", lambda: OmegaConf.from_dotlist(list(overrides))))
     for where, load in sources:
         try:
-            merged = OmegaConf.merge(merged, load())
+            merged = OmegaConf.merge(merged, _sections_only(OmegaConf.to_container(load()), where))
         except OmegaConfBaseException as err:
             key = getattr(err, "full_key", None) or "?"
             if isinstance(err, ConfigKeyError):
@@ -150,6 +256,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
             reason = str(err.msg).splitlines()[0]
             raise ValueError(f"bad value for config key '{key}' in {where}: {reason}") from None
     return OmegaConf.to_object(merged)
+
+
+def _sections_only(values: Any, where: str) -> dict[str, Any]:
+    """The loaded values, checked to be {section: {key: value}}; a ValueError naming what is not."""
+    if values is None:  # an empty YAML file
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must hold sections ({', '.join(SECTIONS)}) with their keys, "
+                         f"not a {type(values).__name__}")
+    for name, section in values.items():
+        if name in SECTIONS and not isinstance(section, (dict, type(None))):
+            raise ValueError(f"config key '{name}' in {where} is a section, not a value ({section!r}): "
+                             f"set its keys instead, e.g. {name}.<key>=<value> (see --help)")
+    return {name: section for name, section in values.items() if section is not None}
 
 
 def from_dict(values: dict[str, Any], where: str) -> TrainConfig:
