@@ -141,7 +141,8 @@ def agree_on_set_up(what: str, step: Callable[[], Any], stop: StopSignal,
     """Run a local set-up step on every rank, then agree in one all-gather: any rank's error is
     raised on every rank (AgreedError), and a stop signal on any rank is reported to all.
 
-    Returns (this rank's result, every rank's `share(result)`, whether any rank was asked to stop).
+    Returns (this rank's result, every rank's `share(result)`, and "SIGTERM on rank 1" if some rank
+    was asked to stop, else None).
     """
     result, error = None, None
     try:
@@ -150,8 +151,9 @@ def agree_on_set_up(what: str, step: Callable[[], Any], stop: StopSignal,
         error = err
         if exit_code_of(err) != 2:  # not bad input but a bug: keep its traceback in this rank's log
             logger.exception("set-up failed")
-    payloads = agree(what, error, payload=(None if error else share(result), stop.requested))
-    return result, [shared for shared, _ in payloads], any(stopping for _, stopping in payloads)
+    payloads = agree(what, error, payload=(None if error else share(result), stop.name if stop.requested else None))
+    stops = [f"{name} on rank {rank}" for rank, (_, name) in enumerate(payloads) if name]
+    return result, [shared for shared, _ in payloads], stops[0] if stops else None
 
 
 def endless(stream: TaskStream):
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     setup, damaged, stopping = agree_on_set_up("to set up", lambda: set_up(cfg, ctx, store), stop,
                                                share=lambda done: done.stream.dropped)
     if stopping:
-        return stopped_during_set_up(stop, ctx, store)
+        return stopped_during_set_up(stopping, ctx, store)
     pool, stream = setup.pool, setup.stream
     for dropped in damaged:  # shards any rank found damaged (data.skip_corrupt): left out on every rank
         stream.drop_shards(dropped)
@@ -208,8 +210,11 @@ def main(argv: list[str] | None = None) -> None:
         step, skipped = setup.resume["step"], setup.resume["skipped_steps"]
         clipped = setup.resume["clipped_steps"]
         logger.info("resumed from %s at step %d", setup.latest, step)
+        if cfg.optim.schedule != "constant" and (before := setup.resume["config"]["run"]["steps"]) != cfg.run.steps:
+            logger.warning("run.steps changed from %d to %d: the %s learning-rate schedule now ends at step %d",
+                           before, cfg.run.steps, cfg.optim.schedule, cfg.run.steps)
         if stopping:
-            return stopped_during_set_up(stop, ctx, store)
+            return stopped_during_set_up(stopping, ctx, store)
     if ctx.is_main:  # only now: a refused resume must leave the run's own config.yaml as it was
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
@@ -326,11 +331,11 @@ def main(argv: list[str] | None = None) -> None:
     shutdown()
 
 
-def stopped_during_set_up(stop: StopSignal, ctx: DistContext, store: CheckpointStore) -> None:
+def stopped_during_set_up(signal_and_rank: str, ctx: DistContext, store: CheckpointStore) -> None:
     """Every rank ends cleanly when any rank got a stop signal during set-up: nothing new to save."""
     if ctx.is_main:
-        print(f"stopped by a signal during set-up ({stop.name} on this rank or another), before any meta-step: "
-              f"nothing new to save; the latest checkpoint is {store.latest()}", flush=True)
+        print(f"stopped by a signal during set-up ({signal_and_rank}), before any meta-step: nothing new to save; "
+              f"the latest checkpoint is {store.latest()}", flush=True)
     shutdown()
 
 
@@ -343,9 +348,16 @@ def run(argv: list[str] | None = None) -> int:
         failure = (str(err), err.exit_code)
     except (ValueError, OSError, ImportError) as err:  # bad config or data, found alike on every rank
         failure = (str(err), 2)
-    # Printed outside the except block: main()'s frame, and so its progress bar, is gone by now, and
-    # the error stays the last line.
-    print(f"error: {failure[0]}", file=sys.stderr)
+    # Written outside the except block: main()'s frame, and so its progress bar, is gone by now, and the
+    # error stays the last line. One write: other ranks' lines in the same pipe cannot split it.
+    sys.stderr.write(f"error: {failure[0]}\n")
+    sys.stderr.flush()
+    if torch.distributed.is_initialized():
+        # Every rank got here together. Leave at once: torchrun terminates the other ranks as soon as it
+        # sees one exit, and a rank still in interpreter shutdown (default signal handlers by then)
+        # would die of that SIGTERM instead of exiting with this status.
+        sys.stdout.flush()
+        os._exit(failure[1])
     return failure[1]
 
 

@@ -8,6 +8,8 @@ from it:
     "nan_grads": {"rank": 1, "from_step": 3, "to_step": 3}
         that rank's meta-gradient is NaN at meta-steps from_step..to_step (counted from the start
         of this process; to_step null = for ever)
+    "signal_at_step": {"rank": 1, "step": 3, "signal": "SIGTERM"}
+        that rank sends itself the signal while computing that meta-step (so the run stops there)
     "slow_checkpoint_s": 35
         rank 0 sleeps this long before writing a checkpoint's trainer.pt (a slow file system)
     "slow_set_up": {"rank": 1, "seconds": 8, "marker": "/path"}
@@ -19,6 +21,7 @@ from it:
 import builtins
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -31,14 +34,18 @@ def _install(faults: dict) -> None:
 
     rank = int(os.environ.get("RANK", 0))
 
-    if (nan := faults.get("nan_grads")) and nan["rank"] == rank:
+    nan = faults.get("nan_grads") or {"rank": None}
+    stop = faults.get("signal_at_step") or {"rank": None}
+    if rank in (nan["rank"], stop["rank"]):
         real, calls = metagan_dist.meta_gradients, [0]
 
         def meta_gradients(*args, **kwargs):
             grads = real(*args, **kwargs)
             calls[0] += 1
-            if calls[0] >= nan["from_step"] and (nan["to_step"] is None or calls[0] <= nan["to_step"]):
+            if rank == nan["rank"] and calls[0] >= nan["from_step"] and calls[0] <= (nan["to_step"] or calls[0]):
                 grads.flat[0] = float("nan")
+            if rank == stop["rank"] and calls[0] == stop["step"]:
+                os.kill(os.getpid(), getattr(signal, stop["signal"]))
             return grads
 
         metagan_dist.meta_gradients = meta_gradients
