@@ -27,7 +27,7 @@ def fault_env(**faults: object) -> dict[str, str]:
     return {"PYTHONPATH": path, "METAGAN_TEST_FAULTS": json.dumps(faults)}
 
 
-def make_tiny_pool(folder: Path, test_fraction: float = 0.2) -> Path:
+def make_tiny_pool(folder: Path, test_fraction: float = 0.2, shard_tasks: int = 2) -> Path:
     """40 tasks x 12 images of 1x8x8 (each task a noisy blob at its own place), 2 tasks per shard."""
     rng = np.random.default_rng(0)
     images, labels = [], []
@@ -39,7 +39,7 @@ def make_tiny_pool(folder: Path, test_fraction: float = 0.2) -> Path:
             images.append((255 * np.clip(blob + 0.1 * rng.random((8, 8)), 0, 1)).astype(np.uint8))
             labels.append(task)
     source = array_source(np.stack(images), np.array(labels), size=8, test_fraction=test_fraction)
-    write_pool(source, folder, command="tests: make_tiny_pool", maxcount=2)
+    write_pool(source, folder, command="tests: make_tiny_pool", maxcount=shard_tasks)
     return folder
 
 
