@@ -10,8 +10,9 @@ from it:
         of this process; to_step null = for ever)
     "signal_at_step": {"rank": 1, "step": 3, "signal": "SIGTERM"}
         that rank sends itself the signal while computing that meta-step (so the run stops there)
-    "slow_checkpoint_s": 35
-        rank 0 sleeps this long before writing a checkpoint's trainer.pt (a slow file system)
+    "slow_stop_checkpoint_s": 35
+        once a stop signal has arrived, rank 0 sleeps this long before writing the checkpoint's
+        trainer.pt (a slow file system, met by the stop path)
     "slow_set_up": {"rank": 1, "seconds": 8, "marker": "/path"}
         that rank sleeps while opening its task stream, after creating the marker file
     "set_up_error": {"rank": 1, "type": "PermissionError", "message": "..."}
@@ -50,15 +51,22 @@ def _install(faults: dict) -> None:
 
         metagan_dist.meta_gradients = meta_gradients
 
-    if (seconds := faults.get("slow_checkpoint_s")) and rank == 0:
-        real_save = metagan_dist.checkpoint.save_file_atomic
+    if (seconds := faults.get("slow_stop_checkpoint_s")) and rank == 0:
+        from metagan_dist.distributed import StopSignal
+
+        real_save, real_handle, stopping = metagan_dist.checkpoint.save_file_atomic, StopSignal._handle, []
+
+        def handle(self, signum, frame):
+            stopping.append(signum)
+            real_handle(self, signum, frame)
 
         def save_file_atomic(obj, path):
-            if path.name == "trainer.pt":
+            if path.name == "trainer.pt" and stopping:
                 print(f"faults: writing {path} slowly ({seconds} s)", file=sys.stderr, flush=True)
                 time.sleep(seconds)
             real_save(obj, path)
 
+        StopSignal._handle = handle
         metagan_dist.checkpoint.save_file_atomic = save_file_atomic
 
     real_init = TaskStream.__init__
