@@ -188,6 +188,9 @@ class TaskStream:
         if len(short):
             logger.info("split %r: %d of %d tasks have fewer than k+q=%d images and are left out", self.split,
                         len(short), len(self.index), needed)
+        if len(usable) < self.world_size * self.tasks_per_batch:
+            logger.warning("split %r has %d usable tasks, fewer than the %d x %d a meta-step draws: tasks repeat "
+                           "within a step", self.split, len(usable), self.world_size, self.tasks_per_batch)
         self.short_tasks = len(short)
         return usable
 
