@@ -137,7 +137,7 @@ def set_up(cfg: TrainConfig, ctx: DistContext, store: CheckpointStore) -> SetUp:
 
 
 def agree_on_set_up(what: str, step: Callable[[], Any], stop: StopSignal,
-                    share: Callable[[Any], object] = lambda result: None) -> tuple[Any, list[object], bool]:
+                    share: Callable[[Any], object] = lambda result: None) -> tuple[Any, list[object], str | None]:
     """Run a local set-up step on every rank, then agree in one all-gather: any rank's error is
     raised on every rank (AgreedError), and a stop signal on any rank is reported to all.
 
