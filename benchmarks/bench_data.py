@@ -4,7 +4,7 @@
 
 Defaults follow the issue: k = q = 5, 32x32 (the glyphs pool, built on first use), T = 16.
 For each worker count it reports the steady rate (after the first batch, median of repeats) and
-the start-up time to the first batch (worker start and shuffle-buffer fill). Prints a markdown
+the start-up time to the first batch (index, worker start). Prints a markdown
 table and writes JSON (to --out, else stdout).
 """
 

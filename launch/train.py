@@ -12,28 +12,47 @@ Re-running with the same run.out_dir resumes from its latest checkpoint.
 
 from __future__ import annotations
 
-import argparse
-import os
-import random
-import sys
-import time
-from pathlib import Path
+import signal
 
-import numpy as np
-import torch
+# A stop signal that arrives while the modules below load (seconds) must not kill the rank with the
+# default action: remember it; StopSignal takes it over, and set-up ends cleanly on every rank.
+EARLY_SIGNALS: list[int] = []
+for _signal in (signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(_signal, lambda signum, frame: EARLY_SIGNALS.append(signum))
 
-from metagan_dist import EpisodeBatch, MetaLearner, meta_gradients
-from metagan_dist.checkpoint import CHECKPOINT_VERSION, CheckpointStore, load_trainer_state, save_file_atomic
-from metagan_dist.config import describe_options, incompatible_keys, load_config, save_config, to_dict
-from metagan_dist.data import Pool, TaskStream, ensure_glyphs_pool, images_to_tensor
-from metagan_dist.distributed import (
-    StopSignal, all_gather_objects, barrier, init_distributed, raise_if_any_rank_failed, shutdown, verify_replicas,
+import argparse  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from metagan_dist import EpisodeBatch, MetaLearner, meta_gradients  # noqa: E402
+from metagan_dist.checkpoint import (  # noqa: E402
+    CHECKPOINT_VERSION, CheckpointStore, load_trainer_state, save_file_atomic,
 )
-from metagan_dist.engine import MetaParameters, agree_and_step, build_engine
-from metagan_dist.monitor import Monitor, logger, setup_logging
-from metagan_dist.sampling import adapt_and_generate, save_grid
+from metagan_dist.config import (  # noqa: E402
+    TrainConfig, describe_options, incompatible_keys, load_config, save_config, to_dict,
+)
+from metagan_dist.data import Pool, TaskStream, ensure_glyphs_pool, images_to_tensor  # noqa: E402
+from metagan_dist.distributed import (  # noqa: E402
+    AgreedError, DistContext, StopSignal, agree, all_gather_objects, barrier, exit_code_of, init_distributed,
+    shutdown, verify_replicas,
+)
+from metagan_dist.engine import (  # noqa: E402
+    MetaParameters, agree_and_step, build_engine, fail_step, read_deepspeed_config,
+)
+from metagan_dist.monitor import GradientLog, Monitor, logger, setup_logging  # noqa: E402
+from metagan_dist.sampling import adapt_and_generate, save_grid  # noqa: E402
 
 SAMPLES_PER_TASK = 8
+SLOW_CHECKPOINT_S = 15  # warn: a stop must checkpoint within the launcher's SIGTERM-to-SIGKILL window
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -70,6 +89,73 @@ def restore_rng_states(states: dict, noise: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+@dataclass
+class SetUp:
+    """What set-up prepares on each rank with local work only, before any collective."""
+
+    pool: Pool
+    stream: TaskStream
+    sample_tasks: dict[str, np.ndarray] = field(default_factory=dict)  # rank 0: tasks of the sample grids
+    sample_split: str = "test"
+    resume: dict | None = None  # the latest checkpoint's trainer state
+    latest: Path | None = None
+    ds_config: dict | None = None
+
+
+def set_up(cfg: TrainConfig, ctx: DistContext, store: CheckpointStore) -> SetUp:
+    """Open the pool and this rank's task stream (checksums of its share of shards), load the sample
+    tasks (rank 0), read the DeepSpeed JSON and the checkpoint to resume from, and check them."""
+    pool = Pool(ensure_glyphs_pool() if cfg.data.pool == "glyphs" else cfg.data.pool)
+    tasks_per_rank = cfg.data.tasks_per_rank
+    stream = TaskStream(
+        pool, "train", shots=cfg.data.shots, queries=cfg.data.queries, tasks_per_batch=tasks_per_rank,
+        episodes_per_epoch=tasks_per_rank * cfg.data.batches_per_epoch, seed=cfg.run.seed, rank=ctx.rank,
+        world_size=ctx.world_size, num_workers=cfg.data.workers, skip_corrupt=cfg.data.skip_corrupt,
+        on_short_task=cfg.data.short_tasks,
+    )
+    setup = SetUp(pool, stream)
+    if ctx.is_main:
+        setup.sample_split = "test" if "test" in pool.manifest.splits else "train"
+        if setup.sample_split == "train":
+            logger.warning("pool %s has no 'test' split: the sample grids show %d meta-TRAINING tasks, not held-out "
+                           "ones", pool.path, cfg.data.sample_tasks)
+        keys = pool.keys(setup.sample_split)[: cfg.data.sample_tasks]
+        setup.sample_tasks = pool.load_tasks(setup.sample_split, keys)
+    if cfg.engine.name == "deepspeed":
+        setup.ds_config = read_deepspeed_config(cfg.engine.deepspeed_config, cfg.optim)
+    if (latest := store.latest()) is not None:
+        state = load_trainer_state(latest, resume=True)
+        different = incompatible_keys(state["config"], to_dict(cfg))
+        if different:
+            raise ValueError(f"{store.dir.parent} holds a run with another config; differing keys: "
+                             f"{', '.join(different)}. Use a new run.out_dir, or the saved values "
+                             f"(see {store.dir.parent / 'config.yaml'}).")
+        if len(state["ranks"]) != ctx.world_size:
+            raise ValueError(f"{latest} was written by {len(state['ranks'])} ranks; this run has {ctx.world_size}")
+        setup.resume, setup.latest = state, latest
+    return setup
+
+
+def agree_on_set_up(what: str, step: Callable[[], Any], stop: StopSignal,
+                    share: Callable[[Any], object] = lambda result: None) -> tuple[Any, list[object], str | None]:
+    """Run a local set-up step on every rank, then agree in one all-gather: any rank's error is
+    raised on every rank (AgreedError), and a stop signal on any rank is reported to all.
+
+    Returns (this rank's result, every rank's `share(result)`, and "SIGTERM on rank 1" if some rank
+    was asked to stop, else None).
+    """
+    result, error = None, None
+    try:
+        result = step()
+    except Exception as err:  # noqa: BLE001  (agreed below, then raised on every rank)
+        error = err
+        if exit_code_of(err) != 2:  # not bad input but a bug: keep its traceback in this rank's log
+            logger.exception("set-up failed")
+    payloads = agree(what, error, payload=(None if error else share(result), stop.name if stop.requested else None))
+    stops = [f"{name} on rank {rank}" for rank, (_, name) in enumerate(payloads) if name]
+    return result, [shared for shared, _ in payloads], stops[0] if stops else None
+
+
 def endless(stream: TaskStream):
     """One epoch after another, forever."""
     while True:
@@ -78,26 +164,24 @@ def endless(stream: TaskStream):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    stop = StopSignal(EARLY_SIGNALS[0] if EARLY_SIGNALS else None)
     cfg = load_config(args.config, args.overrides)
     ctx = init_distributed(cfg.run.device)
     setup_logging(ctx.rank)
     torch.set_num_threads(cfg.run.threads or max(1, (os.cpu_count() or 1) // ctx.local_world_size))
     out_dir = Path(cfg.run.out_dir)
-
-    # ---- data: the task pool, this rank's stream of episodes, fixed meta-test tasks for samples ----
-    pool = Pool(ensure_glyphs_pool() if cfg.data.pool == "glyphs" else cfg.data.pool)
     tasks_per_rank, steps_per_task = cfg.data.tasks_per_rank, cfg.meta.inner_steps
-    stream, error = None, None
-    try:  # each rank checks its own shards' checksums: agree before anyone enters a collective
-        stream = TaskStream(
-            pool, "train", shots=cfg.data.shots, queries=cfg.data.queries, tasks_per_batch=tasks_per_rank,
-            episodes_per_epoch=tasks_per_rank * cfg.data.batches_per_epoch, seed=cfg.run.seed, rank=ctx.rank,
-            world_size=ctx.world_size, num_workers=cfg.data.workers, skip_corrupt=cfg.data.skip_corrupt,
-            on_short_task=cfg.data.short_tasks,
-        )
-    except ValueError as err:
-        error = err
-    raise_if_any_rank_failed(error, "to open its task stream")
+    store = CheckpointStore(out_dir, cfg.run.keep_checkpoints)
+
+    # ---- set-up, local work first (pool, task stream, checksums, checkpoint): agreed before any
+    # other collective, so a problem or a stop signal on any rank ends every rank alike ----
+    setup, damaged, stopping = agree_on_set_up("to set up", lambda: set_up(cfg, ctx, store), stop,
+                                               share=lambda done: done.stream.dropped)
+    if stopping:
+        return stopped_during_set_up(stopping, ctx, store)
+    pool, stream = setup.pool, setup.stream
+    for dropped in damaged:  # shards any rank found damaged (data.skip_corrupt): left out on every rank
+        stream.drop_shards(dropped)
 
     # ---- model: meta-parameters as flat buffers, identical on every rank (same seed; checked below) ----
     torch.manual_seed(cfg.run.seed)
@@ -108,33 +192,36 @@ def main(argv: list[str] | None = None) -> None:
         learner.G.flat_parameters(), learner.D.flat_parameters(),
         inner_lr=cfg.meta.inner_lr if cfg.meta.algorithm == "metasgd" else None,
     ).to(ctx.device)
-    engine = build_engine(params, cfg.engine.name, cfg.optim, ctx, cfg.engine.deepspeed_config, cfg.engine.bucket_mb)
+    engine = build_engine(params, cfg.engine.name, cfg.optim, ctx, total_steps=cfg.run.steps,
+                          bucket_mb=cfg.engine.bucket_mb, ds_config=setup.ds_config)
     noise = torch.Generator().manual_seed(rank_seed(cfg.run.seed, ctx.rank, purpose=1))
 
     # ---- resume from the run folder's latest checkpoint, if it has one ----
-    store = CheckpointStore(out_dir, cfg.run.keep_checkpoints)
-    step, skipped, start_time = 0, 0, time.perf_counter()
-    if (latest := store.latest()) is not None:
-        state = load_trainer_state(latest)
-        different = incompatible_keys(state["config"], to_dict(cfg))
-        if different:
-            raise ValueError(f"{out_dir} holds a run with another config; differing keys: {', '.join(different)}. "
-                             f"Use a new run.out_dir, or the saved values (see {out_dir / 'config.yaml'}).")
-        if len(state["ranks"]) != ctx.world_size:
-            raise ValueError(f"{latest} was written by {len(state['ranks'])} ranks; this run has {ctx.world_size}")
-        engine.load(latest)
-        mine = state["ranks"][ctx.rank]
+    step, skipped, clipped, start_time = 0, 0, 0, time.perf_counter()
+
+    def resume() -> None:
+        engine.load(setup.latest)
+        mine = setup.resume["ranks"][ctx.rank]
         stream.load_state_dict(mine["stream"])
         restore_rng_states(mine["rng"], noise)
-        step, skipped = state["step"], state["skipped_steps"]
-        logger.info("resumed from %s at step %d", latest, step)
+
+    if setup.resume is not None:
+        _, _, stopping = agree_on_set_up("to resume", resume, stop)
+        step, skipped = setup.resume["step"], setup.resume["skipped_steps"]
+        clipped = setup.resume["clipped_steps"]
+        logger.info("resumed from %s at step %d", setup.latest, step)
+        if cfg.optim.schedule != "constant" and (before := setup.resume["config"]["run"]["steps"]) != cfg.run.steps:
+            logger.warning("run.steps changed from %d to %d: the %s learning-rate schedule now ends at step %d",
+                           before, cfg.run.steps, cfg.optim.schedule, cfg.run.steps)
+        if stopping:
+            return stopped_during_set_up(stopping, ctx, store)
     if ctx.is_main:  # only now: a refused resume must leave the run's own config.yaml as it was
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
 
     sample_shots = sample_inputs = None
     if ctx.is_main:
-        test_tasks = pool.load_tasks("test", pool.keys("test")[: cfg.data.sample_tasks])
+        test_tasks = setup.sample_tasks
         sample_shots = images_to_tensor(np.stack([t[: cfg.data.shots] for t in test_tasks.values()])).to(ctx.device)
         fixed = torch.Generator().manual_seed(rank_seed(cfg.run.seed, 0, purpose=2))
         n, k, z = sample_shots.shape[0], cfg.data.shots, cfg.model.z_dim
@@ -152,6 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         return path
 
     def save_checkpoint(at: int) -> None:
+        started = time.perf_counter()
         ranks = all_gather_objects({"stream": stream.state_dict(), "rng": rng_states(noise)})
         if ctx.is_main:
             store.begin(at)
@@ -160,40 +248,51 @@ def main(argv: list[str] | None = None) -> None:
         engine.save(folder, ctx.is_main)
         if ctx.is_main:
             save_file_atomic({"version": CHECKPOINT_VERSION, "step": at, "config": to_dict(cfg), "ranks": ranks,
-                              "image_shape": list(pool.image_shape), "skipped_steps": skipped},
-                             folder / "trainer.pt")
+                              "image_shape": list(pool.image_shape), "skipped_steps": skipped,
+                              "clipped_steps": gradients.clipped_steps}, folder / "trainer.pt")
         barrier()
         if ctx.is_main:
             monitor.write(f"checkpoint: {store.publish(at)}")
         barrier()
+        if (seconds := time.perf_counter() - started) > SLOW_CHECKPOINT_S:
+            logger.warning("checkpoint took %.0f s: after SIGTERM, torchrun kills ranks that have not exited within "
+                           "its shutdown timeout (30 s unless --shutdown-timeout or TORCH_ELASTIC_SHUTDOWN_TIMEOUT "
+                           "says otherwise; launch/slurm/train.sbatch widens it)", seconds)
 
     verify_replicas(params.flat(), step)
+    gradients = GradientLog(clipped)
     monitor = Monitor(out_dir, cfg.run.steps, step, enabled=ctx.is_main)
     monitor.write(f"run folder {out_dir.resolve()}: {ctx.world_size} rank(s) x {tasks_per_rank} tasks per step, "
-                  f"{cfg.meta.algorithm}, pool {pool.path}")
+                  f"{cfg.data.workers} loader worker(s) per rank, {cfg.meta.algorithm}, {cfg.engine.name} engine, "
+                  f"pool {pool.path} ({len(stream.usable)} tasks)")
     if ctx.is_main and step == 0:
         write_samples(0)
 
     # ---- the loop ----
-    stop, consecutive_skips, stopped_early = StopSignal(), 0, False
+    consecutive_skips, stopped_early = 0, False
     batches = endless(stream)
     tick = time.perf_counter()
     while step < cfg.run.steps:
-        task_batch = next(batches)
+        try:
+            task_batch = next(batches)
+        except Exception as err:  # noqa: BLE001  e.g. a shard damaged mid-run: every rank stops with this message
+            fail_step(err, ctx.device)
         batch = EpisodeBatch.sample(task_batch.support, task_batch.query, steps_per_task, cfg.model.z_dim,
                                     generator=noise).to(ctx.device, non_blocking=True)
         grads = meta_gradients(G, D, batch, cfg.meta, params=(params.generator, params.discriminator),
                                inner_lrs=params.inner_lrs(), reduction="sum")
         outcome = agree_and_step(engine, grads, stop.requested, ctx.device)
         step += 1
+        gradients.record(outcome.grad_norm, outcome.clipped, outcome.lr)
         if not outcome.applied:
             skipped += 1
             consecutive_skips += 1
             logger.warning("step %d skipped on every rank: non-finite meta-gradient or loss (%d skipped so far)",
                            step, skipped)
             if consecutive_skips > cfg.run.max_skipped_steps:
-                raise RuntimeError(f"{consecutive_skips} consecutive meta-steps had non-finite meta-gradients; "
-                                   f"lower optim.lr or meta.inner_lr (last good checkpoint: {store.latest()})")
+                raise AgreedError(f"{consecutive_skips} consecutive meta-steps had non-finite meta-gradients or "
+                                  f"losses (run.max_skipped_steps={cfg.run.max_skipped_steps}); lower optim.lr or "
+                                  f"meta.inner_lr (last good checkpoint: {store.latest()})", 1)
         else:
             consecutive_skips = 0
 
@@ -202,39 +301,65 @@ def main(argv: list[str] | None = None) -> None:
         monitor.advance(step, tasks_per_s, outcome.loss_g, outcome.loss_d)
         if step % cfg.run.log_every == 0:
             values = {"loss_g": outcome.loss_g, "loss_d": outcome.loss_d, "tasks_per_s": tasks_per_s,
-                      "skipped_steps": skipped, "epoch": task_batch.epoch}
-            if outcome.gradient is not None:
-                values["meta_grad_norm"] = outcome.gradient.norm().item()
+                      "skipped_steps": skipped, "epoch": task_batch.epoch, **gradients.values()}
             if params.generator_lr is not None:
                 values["inner_lr_g_mean"] = params.generator_lr.mean().item()
                 values["inner_lr_d_mean"] = params.discriminator_lr.mean().item()
             monitor.log(step, values)
         if step % cfg.run.check_every == 0:
             verify_replicas(params.flat(), step)
-        done = step == cfg.run.steps or outcome.stop
-        if ctx.is_main and (step % cfg.run.sample_every == 0 or done):
-            write_samples(step)
-        if step % cfg.run.checkpoint_every == 0 or done:
+        finished = step == cfg.run.steps
+        # A stop checkpoints first and draws no samples: it must fit the launcher's kill window.
+        if step % cfg.run.checkpoint_every == 0 or finished or outcome.stop:
             save_checkpoint(step)
+        if ctx.is_main and not outcome.stop and (step % cfg.run.sample_every == 0 or finished):
+            write_samples(step)
         if outcome.stop:
             stopped_early = True
             monitor.write(f"stop signal received: checkpointed at step {step}, exiting")
             break
 
-    verify_replicas(params.flat(), step)
+    digest = verify_replicas(params.flat(), step)
     minutes = (time.perf_counter() - start_time) / 60
     monitor.close()
     if ctx.is_main:
         print(f"\n{'stopped' if stopped_early else 'finished'} at step {step}/{cfg.run.steps} in {minutes:.1f} min "
               f"({skipped} skipped steps)\n"
+              f"  meta-parameters identical on {ctx.world_size} rank(s): sha256 {digest[:16]}\n"
               f"  samples:     {out_dir / 'samples'}\n  metrics:     {out_dir / 'metrics.jsonl'}\n"
               f"  tensorboard: {out_dir / 'tensorboard'}\n  checkpoint:  {store.latest()}", flush=True)
     shutdown()
 
 
-if __name__ == "__main__":
+def stopped_during_set_up(signal_and_rank: str, ctx: DistContext, store: CheckpointStore) -> None:
+    """Every rank ends cleanly when any rank got a stop signal during set-up: nothing new to save."""
+    if ctx.is_main:
+        print(f"stopped by a signal during set-up ({signal_and_rank}), before any meta-step: nothing new to save; "
+              f"the latest checkpoint is {store.latest()}", flush=True)
+    shutdown()
+
+
+def run(argv: list[str] | None = None) -> int:
+    """main() with bad input and agreed errors as one line on stderr; returns the exit status."""
     try:
-        main()
-    except (ValueError, FileNotFoundError) as err:  # bad config or data: one clear line, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        main(argv)
+        return 0
+    except AgreedError as err:  # every rank raises it alike: one clear line each, the same exit status
+        failure = (str(err), err.exit_code)
+    except (ValueError, OSError, ImportError) as err:  # bad config or data, found alike on every rank
+        failure = (str(err), 2)
+    # Written outside the except block: main()'s frame, and so its progress bar, is gone by now, and the
+    # error stays the last line. One write: other ranks' lines in the same pipe cannot split it.
+    sys.stderr.write(f"error: {failure[0]}\n")
+    sys.stderr.flush()
+    if torch.distributed.is_initialized():
+        # Every rank got here together. Leave at once: torchrun terminates the other ranks as soon as it
+        # sees one exit, and a rank still in interpreter shutdown (default signal handlers by then)
+        # would die of that SIGTERM instead of exiting with this status.
+        sys.stdout.flush()
+        os._exit(failure[1])
+    return failure[1]
+
+
+if __name__ == "__main__":
+    sys.exit(run())

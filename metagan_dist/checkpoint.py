@@ -17,7 +17,11 @@ from typing import Any
 
 import torch
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+# Formats whose meta-parameters, config and image shape adapt.py and evaluate.py can still read.
+# Resuming needs CHECKPOINT_VERSION itself: version 2 changed the task stream's state (tasks are
+# assigned, not shards), the optimizer (AdamW, not Adam with L2) and added the LR scheduler's state.
+READABLE_VERSIONS = (1, 2)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -106,12 +110,20 @@ class CheckpointStore:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_trainer_state(folder: Path) -> dict[str, Any]:
-    """The trainer state of a checkpoint folder, with a clear error for another format version."""
+def load_trainer_state(folder: Path, resume: bool = False) -> dict[str, Any]:
+    """The trainer state of a checkpoint folder, with a clear error for a format this code cannot use.
+
+    resume=True (training) accepts only CHECKPOINT_VERSION; otherwise (adapt, evaluate) any of
+    READABLE_VERSIONS.
+    """
     path = folder / "trainer.pt"
     state = torch.load(path, map_location="cpu", weights_only=False)
     version = state.get("version")
-    if version != CHECKPOINT_VERSION:
+    if resume and version in READABLE_VERSIONS and version != CHECKPOINT_VERSION:
+        raise ValueError(f"{path} has checkpoint format version {version}, written by an older metagan_dist; "
+                         f"training resumes only version {CHECKPOINT_VERSION}: train into a new run.out_dir "
+                         f"(adapt.py and evaluate.py still read this checkpoint)")
+    if version not in READABLE_VERSIONS:
         raise ValueError(f"{path} has checkpoint format version {version}; this code reads version {CHECKPOINT_VERSION}")
     return state
 

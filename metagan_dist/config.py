@@ -17,100 +17,113 @@ from torch import nn
 
 from metagan_dist.meta import MetaConfig
 from metagan_dist.models import ARCHITECTURES, DEFAULT_NORMS, NORMS, build_pair
-from metagan_dist.options import opt
+from metagan_dist.options import above, any_value, at_least, below_one, check_section, not_empty, one_of, opt
 
 ENGINES = ("torch", "deepspeed")
 SHORT_TASK_POLICIES = ("skip", "error")
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "linear", "cosine")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
 class ModelConfig:
-    arch: str = opt("mlp", "generator/discriminator pair: mlp (the seed's) | dcgan (32x32 or 64x64)")
-    z_dim: int = opt(64, "noise dimension of the generator")
-    width: int = opt(0, "MLP hidden size of G (D gets half) or DCGAN base channels; 0 = default (256 / 64)")
-    g_norm: str = opt("auto", "generator normalisation, per sample: none | layer | group | auto (mlp: none, dcgan: group)")
-    d_norm: str = opt("auto", "discriminator normalisation, per sample: none | layer | group | auto (none)")
+    arch: str = opt("mlp", "generator/discriminator pair: mlp (the seed's) | dcgan (32x32 or 64x64)",
+                    check=one_of(ARCHITECTURES))
+    z_dim: int = opt(64, "noise dimension of the generator", check=at_least(1))
+    width: int = opt(0, "MLP hidden size of G (D gets half) or DCGAN base channels; 0 = default (256 / 64)",
+                     check=at_least(0, " (0 = the architecture's default)"))
+    g_norm: str = opt("auto", "generator normalisation, per sample: none | layer | group | auto (mlp: none, "
+                              "dcgan: group)", check=one_of(("auto", *NORMS)))
+    d_norm: str = opt("auto", "discriminator normalisation, per sample: none | layer | group | auto (none)",
+                      check=one_of(("auto", *NORMS)))
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHITECTURES:
-            raise ValueError(f"unknown model.arch {self.arch!r}; expected one of {ARCHITECTURES}")
-        _positive("model.z_dim", self.z_dim)
-        for name in ("g_norm", "d_norm"):
-            if getattr(self, name) not in ("auto", *NORMS):
-                raise ValueError(f"unknown model.{name} {getattr(self, name)!r}; expected auto or one of {NORMS}")
+        check_section("model", self)
 
     def build(self, image_shape: tuple[int, int, int]) -> tuple[nn.Module, nn.Module]:
         """The (generator, discriminator) pair this config describes, for images of `image_shape`."""
-        defaults = DEFAULT_NORMS[self.arch]
-        norms = tuple(default if chosen == "auto" else chosen for chosen, default in zip((self.g_norm, self.d_norm), defaults))
+        chosen = (self.g_norm, self.d_norm)
+        norms = tuple(default if norm == "auto" else norm for norm, default in zip(chosen, DEFAULT_NORMS[self.arch]))
         return build_pair(self.arch, self.z_dim, image_shape, self.width or None, norms)
 
 
 @dataclass
 class DataConfig:
-    pool: str = opt("glyphs", "task pool: 'glyphs' (embedded, built on first use) or a folder holding index.json")
-    shots: int = opt(5, "k support images per task (the inner loop adapts on these)")
-    queries: int = opt(5, "q query images per task (the meta-objective is evaluated on these)")
-    tasks_per_rank: int = opt(8, "T tasks each rank adapts per meta-step")
-    batches_per_epoch: int = opt(100, "meta-steps per epoch of the task stream (the same on every rank)")
-    workers: int = opt(1, "DataLoader worker processes per rank (0 = load in the training process)")
-    skip_corrupt: bool = opt(False, "skip unreadable shards with a logged count instead of stopping")
-    short_tasks: str = opt("skip", "tasks with fewer than k+q images: skip (and count) | error")
-    sample_tasks: int = opt(6, "meta-test tasks shown in the sample grids")
+    pool: str = opt("glyphs", "task pool: 'glyphs' (embedded, built on first use) or a folder holding index.json",
+                    check=not_empty())
+    shots: int = opt(5, "k support images per task (the inner loop adapts on these)", check=at_least(1))
+    queries: int = opt(5, "q query images per task (the meta-objective is evaluated on these)", check=at_least(1))
+    tasks_per_rank: int = opt(8, "T tasks each rank adapts per meta-step", check=at_least(1))
+    batches_per_epoch: int = opt(100, "meta-steps per epoch of the task stream (the same on every rank)",
+                                 check=at_least(1))
+    workers: int = opt(1, "DataLoader worker processes per rank (0 = load in the training process)", check=at_least(0))
+    skip_corrupt: bool = opt(False, "leave out shards found damaged at start-up (logged) instead of stopping",
+                             check=any_value())
+    short_tasks: str = opt("skip", "tasks with fewer than k+q images: skip (and count) | error",
+                           check=one_of(SHORT_TASK_POLICIES))
+    sample_tasks: int = opt(6, "meta-test tasks shown in the sample grids (meta-train tasks if the pool has no "
+                               "test split)", check=at_least(1))
 
     def __post_init__(self) -> None:
-        for name in ("shots", "queries", "tasks_per_rank", "batches_per_epoch", "sample_tasks"):
-            _positive(f"data.{name}", getattr(self, name))
-        if self.workers < 0:
-            raise ValueError(f"data.workers must be >= 0, got {self.workers}")
-        if self.short_tasks not in SHORT_TASK_POLICIES:
-            raise ValueError(f"unknown data.short_tasks {self.short_tasks!r}; expected one of {SHORT_TASK_POLICIES}")
+        check_section("data", self)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = opt(1e-3, "outer learning rate β (Adam), for the meta-parameters and Meta-SGD's rates")
-    beta1: float = opt(0.5, "Adam β1 of the outer optimizer (0.5 is the usual GAN choice)")
-    beta2: float = opt(0.999, "Adam β2 of the outer optimizer")
-    weight_decay: float = opt(0.0, "decoupled weight decay of the outer optimizer")
-    grad_clip: float = opt(0.0, "clip the global norm of the meta-gradient; 0 = off")
+    name: str = opt("adam", "outer optimizer of both engines: adam (AdamW: Adam with decoupled weight decay) | "
+                            "sgd (plain SGD, no momentum; with reptile: θ ← θ + lr·(mean θ_i − θ))",
+                    check=one_of(OPTIMIZERS))
+    lr: float = opt(1e-3, "outer learning rate β (ε for sgd), for the meta-parameters and Meta-SGD's rates",
+                    check=above(0))
+    schedule: str = opt("constant", "outer learning rate over the run: constant | linear (to 0 at run.steps) | "
+                                    "cosine (to 0 at run.steps)", check=one_of(SCHEDULES))
+    beta1: float = opt(0.5, "Adam β1 of the outer optimizer (0.5 is the usual GAN choice)", check=below_one())
+    beta2: float = opt(0.999, "Adam β2 of the outer optimizer", check=below_one())
+    weight_decay: float = opt(0.0, "decoupled weight decay of θ_G and θ_D (θ ← θ − lr·wd·θ), not of Meta-SGD's rates",
+                              check=at_least(0))
+    grad_clip: float = opt(0.0, "clip the global norm of the meta-gradient to this; 0 = off (the norm before "
+                                "clipping is logged as meta_grad_norm)", check=at_least(0, " (0 turns it off)"))
 
     def __post_init__(self) -> None:
-        _positive("optim.lr", self.lr)
+        check_section("optim", self)
 
 
 @dataclass
 class RunConfig:
-    out_dir: str = opt("runs/quickstart", "run folder: config, logs, samples, checkpoints; reused to resume")
-    steps: int = opt(2000, "meta-steps to train")
-    seed: int = opt(0, "seed of the meta-parameters, the task streams and the noise")
-    device: str = opt("auto", "auto (cuda:LOCAL_RANK if CUDA is available, else cpu) | cpu | cuda")
-    threads: int = opt(0, "torch CPU threads per rank; 0 = CPU cores / ranks on this node")
-    log_every: int = opt(10, "write metrics.jsonl and TensorBoard scalars every N steps")
-    sample_every: int = opt(250, "write a sample grid every N steps (and at the end)")
-    sample_steps: int = opt(5, "inner steps the sample tasks are adapted with before generating")
-    checkpoint_every: int = opt(500, "checkpoint every N steps (and at exit)")
-    keep_checkpoints: int = opt(3, "checkpoints kept in out_dir/checkpoints (older ones are deleted)")
-    check_every: int = opt(50, "verify every N steps that all ranks hold identical meta-parameters")
-    max_skipped_steps: int = opt(20, "stop with an error after this many consecutive non-finite steps")
+    out_dir: str = opt("runs/quickstart", "run folder: config, logs, samples, checkpoints; reused to resume",
+                       check=not_empty())
+    steps: int = opt(2000, "meta-steps to train", check=at_least(1))
+    seed: int = opt(0, "seed of the meta-parameters, the task streams and the noise", check=at_least(0))
+    device: str = opt("auto", "auto (cuda:LOCAL_RANK if CUDA is available, else cpu) | cpu | cuda",
+                      check=one_of(DEVICES))
+    threads: int = opt(0, "torch CPU threads per rank; 0 = CPU cores / ranks on this node",
+                       check=at_least(0, " (0 = CPU cores / ranks on this node)"))
+    log_every: int = opt(10, "write metrics.jsonl and TensorBoard scalars every N steps", check=at_least(1))
+    sample_every: int = opt(250, "write a sample grid every N steps (and at the end)", check=at_least(1))
+    sample_steps: int = opt(5, "inner steps the sample tasks are adapted with before generating", check=at_least(1))
+    checkpoint_every: int = opt(500, "checkpoint every N steps (and at exit)", check=at_least(1))
+    keep_checkpoints: int = opt(3, "checkpoints kept in out_dir/checkpoints (older ones are deleted)",
+                                check=at_least(1))
+    check_every: int = opt(50, "verify every N steps that all ranks hold identical meta-parameters", check=at_least(1))
+    max_skipped_steps: int = opt(20, "stop with an error after more than this many consecutive non-finite steps",
+                                 check=at_least(0))
 
     def __post_init__(self) -> None:
-        for name in ("steps", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints", "check_every"):
-            _positive(f"run.{name}", getattr(self, name))
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"unknown run.device {self.device!r}; expected auto, cpu or cuda")
+        check_section("run", self)
 
 
 @dataclass
 class EngineConfig:
-    name: str = opt("torch", "outer optimizer: torch (Adam) | deepspeed (ZeRO from deepspeed_config)")
-    deepspeed_config: str = opt("launch/configs/deepspeed_zero2.json", "DeepSpeed JSON config (engine=deepspeed)")
-    bucket_mb: float = opt(25.0, "all-reduce bucket size in MiB for the meta-gradient (engine=torch)")
+    name: str = opt("torch", "outer step: torch (the optim.* optimizer; meta-gradient all-reduced in buckets) | "
+                             "deepspeed (the same optimizer inside a ZeRO engine from deepspeed_config)",
+                    check=one_of(ENGINES))
+    deepspeed_config: str = opt("launch/configs/deepspeed_zero2.json", "DeepSpeed JSON config (engine=deepspeed)",
+                                check=not_empty())
+    bucket_mb: float = opt(25.0, "all-reduce bucket size in MiB for the meta-gradient (engine=torch)", check=above(0))
 
     def __post_init__(self) -> None:
-        if self.name not in ENGINES:
-            raise ValueError(f"unknown engine.name {self.name!r}; expected one of {ENGINES}")
-        _positive("engine.bucket_mb", self.bucket_mb)
+        check_section("engine", self)
 
 
 @dataclass
@@ -124,18 +137,14 @@ class TrainConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
+SECTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
 # Keys that may change when a run resumes; any other difference makes the checkpoint incompatible.
 RESUMABLE_CHANGES = (
     "run.steps", "run.log_every", "run.sample_every", "run.sample_steps", "run.checkpoint_every",
     "run.keep_checkpoints", "run.check_every", "run.max_skipped_steps", "run.threads", "run.device",
-    "run.out_dir", "data.skip_corrupt", "data.sample_tasks", "engine.bucket_mb",
+    "run.out_dir", "data.skip_corrupt", "data.sample_tasks", "data.workers", "engine.bucket_mb",
 )
-
-
-def _positive(name: str, value: float) -> None:
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
     """Defaults, then the YAML file, then `key=value` overrides; validated TrainConfig."""
@@ -155,7 +164,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
         sources.append(("the command line", lambda: OmegaConf.from_dotlist(list(overrides))))
     for where, load in sources:
         try:
-            merged = OmegaConf.merge(merged, load())
+            merged = OmegaConf.merge(merged, _sections_only(OmegaConf.to_container(load()), where))
         except OmegaConfBaseException as err:
             key = getattr(err, "full_key", None) or "?"
             if isinstance(err, ConfigKeyError):
@@ -163,6 +172,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
             reason = str(err.msg).splitlines()[0]
             raise ValueError(f"bad value for config key '{key}' in {where}: {reason}") from None
     return OmegaConf.to_object(merged)
+
+
+def _sections_only(values: Any, where: str) -> dict[str, Any]:
+    """The loaded values, checked to be {section: {key: value}}; a ValueError naming what is not."""
+    if values is None:  # an empty YAML file
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must hold sections ({', '.join(SECTIONS)}) with their keys, "
+                         f"not a {type(values).__name__}")
+    for name, section in values.items():
+        if name in SECTIONS and not isinstance(section, (dict, type(None))):
+            raise ValueError(f"config key '{name}' in {where} is a section, not a value ({section!r}): "
+                             f"set its keys instead, e.g. {name}.<key>=<value> (see --help)")
+    return {name: section for name, section in values.items() if section is not None}
 
 
 def from_dict(values: dict[str, Any], where: str) -> TrainConfig:

@@ -7,6 +7,7 @@ and would weight ranks with fewer tasks wrongly).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 from dataclasses import dataclass
@@ -96,18 +97,39 @@ def all_gather_objects(obj: object) -> list[object]:
     return out
 
 
-def raise_if_any_rank_failed(error: Exception | None, what: str) -> None:
-    """Agree on a step every rank must pass (e.g. opening its shards): if one failed, all raise.
+class AgreedError(Exception):
+    """An error every rank raises together, with the same one-line message and exit status.
 
-    A rank that fails alone would otherwise leave the others waiting in their next collective.
+    exit_code: 2 for bad input (config, pool, checkpoint, files: ValueError, OSError, ImportError),
+    1 for anything else.
     """
-    errors = all_gather_objects(None if error is None else f"{type(error).__name__}: {error}")
-    if error is not None:
-        raise error
-    failed = [(rank, message) for rank, message in enumerate(errors) if message is not None]
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def exit_code_of(error: BaseException) -> int:
+    """2 for bad input (ValueError, OSError, ImportError and their kin), 1 for anything else."""
+    return 2 if isinstance(error, (ValueError, OSError, ImportError)) else 1
+
+
+def agree(what: str, error: BaseException | None, payload: object = None) -> list[object]:
+    """Every rank's outcome of a local step (set-up: opening shards, loading a checkpoint, ...).
+
+    One all-gather that every rank reaches whatever happened to it: if any rank failed, every rank
+    raises the same AgreedError naming the first failed rank; otherwise every rank's `payload` is
+    returned, in rank order. Without it, a rank failing alone leaves the others waiting in their
+    next collective until the launcher tears the job down.
+    """
+    report = None if error is None else (str(error) or type(error).__name__, exit_code_of(error))
+    gathered = all_gather_objects((report, payload))
+    failed = [(rank, report) for rank, (report, _) in enumerate(gathered) if report is not None]
     if failed:
-        rank, message = failed[0]
-        raise RuntimeError(f"rank {rank} failed {what}: {message}")
+        rank, (message, code) = failed[0]
+        where = f"rank {rank} failed {what}: " if len(gathered) > 1 else ""
+        raise AgreedError(where + message, code) from error
+    return [payload for _, payload in gathered]
 
 
 def barrier() -> None:
@@ -122,38 +144,45 @@ def broadcast_(tensor: Tensor, src: int = 0) -> Tensor:
     return tensor
 
 
-def checksum(flat: Tensor) -> Tensor:
-    """A cheap fingerprint of a flat buffer: its sum and a position-weighted sum, in float64.
+def fingerprint(flat: Tensor) -> tuple[str, int, int]:
+    """(sha256 of the buffer's bytes, NaN count, Inf count): any change of any bit changes the hash."""
+    values = flat.detach().contiguous().cpu()
+    nans = int(torch.isnan(values).sum())
+    infs = int(torch.isinf(values).sum())
+    return hashlib.sha256(values.view(torch.uint8).numpy().data).hexdigest(), nans, infs
 
-    The weighted sum catches two values swapping places, which the plain sum cannot.
+
+def verify_replicas(flat: Tensor, step: int) -> str:
+    """Fail loudly if the meta-parameters are not finite, or not bit-identical on every rank.
+
+    Returns the sha256 they share. Non-finite values are reported as such first: NaN parameters
+    with identical bytes are not "diverged replicas", and NaNs that differ are not either.
     """
-    values = flat.detach().double()
-    weights = torch.arange(1, values.numel() + 1, device=values.device, dtype=torch.float64).remainder_(97).add_(1)
-    return torch.stack([values.sum(), (values * weights).sum()])
-
-
-def verify_replicas(flat: Tensor, step: int) -> None:
-    """Fail loudly if the ranks' copies of the meta-parameters are not bit-identical."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    mine = checksum(flat)
-    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, mine)
-    if any(not torch.equal(g, gathered[0]) for g in gathered):
-        listing = ", ".join(f"rank {r}: {g.tolist()}" for r, g in enumerate(gathered))
-        raise RuntimeError(f"meta-parameters diverged across ranks at step {step}: checksums {listing}")
+    prints = all_gather_objects(fingerprint(flat))
+    broken = [f"rank {rank}: {nans} NaN, {infs} Inf" for rank, (_, nans, infs) in enumerate(prints) if nans or infs]
+    if broken:
+        raise AgreedError(f"meta-parameters are not finite at step {step} ({'; '.join(broken)} of {flat.numel()} "
+                          f"values): lower optim.lr or meta.inner_lr, or resume from an earlier checkpoint", 1)
+    digests = [digest for digest, _, _ in prints]
+    if len(set(digests)) > 1:
+        listing = ", ".join(f"rank {rank}: {digest[:16]}" for rank, digest in enumerate(digests))
+        raise AgreedError(f"meta-parameters diverged across ranks at step {step}: sha256 {listing}", 1)
+    return digests[0]
 
 
 class StopSignal:
     """Turns SIGTERM / SIGUSR1 (preemption, SLURM's warning) into a flag the loop checks per step.
 
-    The loop all-reduces the flag, so a signal to any one rank stops every rank at the same step.
+    The loop all-reduces the flag, so a signal to any one rank stops every rank at the same step;
+    set-up shares it in its agreement, so a signal during set-up ends every rank cleanly too.
+    `received`: a signal that arrived before this object took over (launch/train.py catches
+    those while its modules load).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self) -> None:
-        self.received: int | None = None
+    def __init__(self, received: int | None = None) -> None:
+        self.received = received
         for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
@@ -163,3 +192,7 @@ class StopSignal:
     @property
     def requested(self) -> bool:
         return self.received is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else "none"

@@ -25,7 +25,7 @@ from metagan_dist.episode import EpisodeBatch
 from metagan_dist.flat import BatchedNet
 from metagan_dist.inner import INNER_RULES, InnerAdam, InnerRule, InnerSGD
 from metagan_dist.losses import LOSSES, discriminator_loss, generator_loss, gradient_penalty
-from metagan_dist.options import opt
+from metagan_dist.options import above, at_least, below_one, check_section, one_of, opt
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd")
 FIRST_ORDER = ("fomaml", "reptile")  # the algorithms that never differentiate through an inner step
@@ -35,48 +35,35 @@ REDUCTIONS = ("mean", "sum")
 
 @dataclass
 class MetaConfig:
-    """What the inner loop does and what the meta-gradient differentiates."""
+    """What the inner loop does and what the meta-gradient differentiates (the `meta.*` options of training)."""
 
-    algorithm: str = opt("maml", "maml (second order) | fomaml (first order) | reptile | metasgd (learned inner rates)")
+    algorithm: str = opt("maml", "maml (second order) | fomaml (first order) | reptile | metasgd (learned inner rates)",
+                         check=one_of(ALGORITHMS))
     # `split` is the GAN game itself. `seed` is the seed document's formula; there G also descends
     # L_D, which pulls D(G(z)) towards 0 rather than up, so it is kept for comparison, not as default.
-    objective: str = opt("split", "split: G descends L_G, D descends L_D | seed: both nets descend L_G + L_D (the seed's §4.2)")
-    loss: str = opt("ns", "GAN loss on logits: ns (non-saturating) | hinge | wgan-gp")
-    inner_steps: int = opt(1, "inner steps per task (each: a G step, then a D step against the adapted G)")
-    inner_lr: float = opt(0.01, "inner learning rate α (Meta-SGD: the initial value of every per-parameter rate)")
-    gp_weight: float = opt(10.0, "λ of the wgan-gp gradient penalty")
-    inner_clip: float = opt(0.0, "clip each task's inner gradient to this norm, per network; 0 = off")
+    objective: str = opt("split", "split: G descends L_G, D descends L_D | seed: both nets descend L_G + L_D (the "
+                                  "seed's §4.2)", check=one_of(OBJECTIVES))
+    loss: str = opt("ns", "GAN loss on logits: ns (non-saturating) | hinge | wgan-gp", check=one_of(LOSSES))
+    inner_steps: int = opt(1, "inner steps per task (each: a G step, then d_steps D steps against the adapted G)",
+                           check=at_least(1))
+    inner_lr: float = opt(0.01, "inner learning rate α (Meta-SGD: the initial value of every per-parameter rate)",
+                          check=above(0))
+    gp_weight: float = opt(10.0, "λ of the wgan-gp gradient penalty", check=at_least(0))
+    inner_clip: float = opt(0.0, "clip each task's inner gradient to this norm, per network; 0 = off",
+                            check=at_least(0, " (0 turns it off)"))
     inner_rule: str = opt("sgd", "inner update rule, also the default at adaptation time: sgd | adam (per-task "
-                                 "moments, one fused kernel; first order, so fomaml or reptile only)")
-    inner_beta1: float = opt(0.0, "β1 of the inner Adam (0: no momentum, Reptile's few-shot recipe)")
-    inner_beta2: float = opt(0.999, "β2 of the inner Adam")
-    d_steps: int = opt(1, "discriminator steps per generator step in every inner step")
+                                 "moments, one fused kernel; first order, so fomaml or reptile only)",
+                          check=one_of(INNER_RULES))
+    inner_beta1: float = opt(0.0, "β1 of the inner Adam (0: no momentum, Reptile's few-shot recipe)", check=below_one())
+    inner_beta2: float = opt(0.999, "β2 of the inner Adam", check=below_one())
+    d_steps: int = opt(1, "discriminator steps per generator step in every inner step", check=at_least(1))
 
     def __post_init__(self) -> None:
-        for name, value, allowed in (
-            ("algorithm", self.algorithm, ALGORITHMS),
-            ("objective", self.objective, OBJECTIVES),
-            ("loss", self.loss, LOSSES),
-            ("inner_rule", self.inner_rule, INNER_RULES),
-        ):
-            if value not in allowed:
-                raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
-        for name in ("inner_steps", "d_steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be an integer of at least 1, got {getattr(self, name)!r}")
-        if not self.inner_lr > 0:
-            raise ValueError(f"inner_lr must be positive, got {self.inner_lr}")
-        if not self.gp_weight >= 0:
-            raise ValueError(f"gp_weight must be >= 0, got {self.gp_weight}")
-        if not self.inner_clip >= 0:
-            raise ValueError(f"inner_clip must be >= 0 (0 turns it off), got {self.inner_clip}")
-        for name in ("inner_beta1", "inner_beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+        check_section("meta", self)
         if self.inner_rule == "adam" and self.algorithm not in FIRST_ORDER:
             raise ValueError(
-                f"inner_rule 'adam' with algorithm {self.algorithm!r}: the inner Adam is a first-order rule that "
-                f"{self.algorithm} cannot differentiate through; use algorithm fomaml or reptile with it, or inner_rule sgd"
+                f"meta.inner_rule 'adam' with meta.algorithm {self.algorithm!r}: the inner Adam is a first-order rule "
+                f"that {self.algorithm} cannot differentiate through; use fomaml or reptile with it, or inner_rule sgd"
             )
 
 

@@ -10,6 +10,8 @@ import logging
 import math
 from pathlib import Path
 
+from metagan_dist.checkpoint import write_text_atomic
+
 logger = logging.getLogger("metagan_dist")
 
 
@@ -23,6 +25,59 @@ def setup_logging(rank: int) -> None:
     )
 
 
+def keep_metrics_up_to(path: Path, step: int) -> None:
+    """Drop the lines of steps after `step` from metrics.jsonl (atomically).
+
+    A run that resumes from the checkpoint of `step` logged the steps after it before it stopped or
+    crashed; it logs them again now, so each step would appear twice. A torn last line goes too.
+    """
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if (logged := _step_of(line)) is not None and logged <= step]
+    if len(kept) != len(lines):
+        write_text_atomic(path, "".join(kept))
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+class GradientLog:
+    """The outer steps between two metrics lines: the meta-gradient norm before clipping (the latest
+    and the largest, so that a spike between two log lines still shows), how often clipping acted,
+    and the latest learning rate."""
+
+    def __init__(self, clipped_steps: int = 0):
+        self.clipped_steps = clipped_steps  # over the whole run (kept in checkpoints)
+        self.norms: list[float] = []
+        self.clipped = 0
+        self.lr: float | None = None
+
+    def record(self, norm: float | None, clipped: bool, lr: float | None) -> None:
+        """One meta-step's outcome (norm and lr are None for a skipped step)."""
+        if norm is not None:
+            self.norms.append(norm)
+        self.clipped += clipped
+        self.clipped_steps += clipped
+        self.lr = self.lr if lr is None else lr
+
+    def values(self) -> dict[str, float]:
+        """meta_grad_norm, meta_grad_norm_max, clipped_fraction (of this window's applied steps),
+        clipped_steps (whole run) and lr; starts a new window."""
+        values: dict[str, float] = {"clipped_steps": self.clipped_steps}
+        if self.lr is not None:
+            values["lr"] = self.lr
+        if self.norms:
+            values.update(meta_grad_norm=self.norms[-1], meta_grad_norm_max=max(self.norms),
+                          clipped_fraction=self.clipped / len(self.norms))
+        self.norms, self.clipped = [], 0
+        return values
+
+
 class Monitor:
     """Rank 0's outputs of a run; on other ranks every method does nothing."""
 
@@ -33,6 +88,7 @@ class Monitor:
             return
         from tqdm import tqdm
 
+        keep_metrics_up_to(out_dir / "metrics.jsonl", start_step)
         self.metrics = open(out_dir / "metrics.jsonl", "a")
         self.bar = tqdm(total=total_steps, initial=start_step, desc="meta-train", unit="step", dynamic_ncols=True)
         try:

@@ -58,3 +58,13 @@ def test_damage_and_other_versions_are_named(tmp_path):
         load_trainer_state(folder)
     with pytest.raises(FileNotFoundError, match="neither a checkpoint folder"):
         resolve_checkpoint(tmp_path / "nowhere")
+
+
+def test_an_older_format_is_read_for_evaluation_but_not_resumed(tmp_path):
+    folder = tmp_path / "v1"
+    folder.mkdir()
+    save_file_atomic({"version": 1, "step": 5}, folder / "trainer.pt")
+    assert load_trainer_state(folder)["step"] == 5
+    with pytest.raises(ValueError, match=r"format version 1, written by an older metagan_dist; training resumes only "
+                                         rf"version {CHECKPOINT_VERSION}: train into a new run.out_dir"):
+        load_trainer_state(folder, resume=True)

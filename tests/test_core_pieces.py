@@ -176,7 +176,7 @@ def test_error_noise_of_the_wrong_width():
     "field,value", [("algorithm", "maml2"), ("loss", "lsgan"), ("objective", "both")]
 )
 def test_error_unknown_names(field, value):
-    with pytest.raises(ValueError, match=f"unknown {field} '{value}'"):
+    with pytest.raises(ValueError, match=f"unknown meta.{field} '{value}'"):
         MetaConfig(**{field: value})
 
 

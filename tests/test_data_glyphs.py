@@ -14,6 +14,7 @@ from test_data_pool import random_tasks
 from metagan_dist.data import Pool, PoolError, ensure_glyphs_pool, write_pool
 from metagan_dist.data.glyphs import (
     ASCII_ONLY_FONTS,
+    GLYPHS_VERSION,
     IMAGES_PER_TASK,
     MIN_FONTS,
     TEST_SCRIPT,
@@ -68,14 +69,21 @@ def test_a_stale_cached_pool_is_refused(tmp_path):
     write_pool(source, glyphs_pool_path(tmp_path), command="old build")
     with pytest.raises(
         PoolError,
-        match=r"the cached pool .*glyphs was built as 'glyphs' version 0 seed None; this code "
-        r"builds glyphs version \d+ seed 0: delete .*glyphs to rebuild it",
+        match=r"the cached pool .*glyphs-v\d+ was built as 'glyphs' version 0 seed None; this code "
+        r"builds glyphs version \d+ seed 0: delete .*glyphs-v\d+ to rebuild it",
     ):
         ensure_glyphs_pool(tmp_path)
 
 
+def script(key: str) -> str:
+    """The script of a glyph task: the first word of its character's Unicode name (LATIN, GREEK, ...)."""
+    return unicodedata.name(chr(int(key[1:], 16))).split()[0]
+
+
 @pytest.mark.slow
 def test_two_processes_build_the_full_pool_once(characters, tmp_path):
+    old = write_pool(TaskSource(random_tasks(3, 2, shape=(1, 32, 32)), 3, (1, 32, 32), {"kind": "glyphs",
+                     "glyphs_version": 1, "seed": 0}), tmp_path / "glyphs", command="version 1").path
     code = (
         "import sys; from metagan_dist.data import ensure_glyphs_pool; print('POOL', ensure_glyphs_pool(sys.argv[1]))"
     )
@@ -87,24 +95,28 @@ def test_two_processes_build_the_full_pool_once(characters, tmp_path):
     outputs = [process.communicate(timeout=300)[0] for process in processes]
     build_s = time.perf_counter() - started
     assert [process.returncode for process in processes] == [0, 0]
-    assert [line for out in outputs for line in out.splitlines() if line.startswith("POOL")] == [
-        f"POOL {tmp_path / 'glyphs'}"
-    ] * 2
+    new = glyphs_pool_path(tmp_path)
+    assert new.name == f"glyphs-v{GLYPHS_VERSION}" and new != old
+    assert [line for out in outputs for line in out.splitlines() if line.startswith("POOL")] == [f"POOL {new}"] * 2
     assert sum("wrote pool" in out for out in outputs) == 1  # one built, the other waited on the lock
     assert build_s < 120
-    assert sorted(path.name for path in tmp_path.iterdir() if not path.name.endswith(".lock")) == ["glyphs"]
+    assert sorted(path.name for path in tmp_path.iterdir() if not path.name.endswith(".lock")) == ["glyphs", new.name]
+    assert Pool(old).manifest.command == "version 1"  # the old version's cache is left alone, not replaced
 
     started = time.perf_counter()
-    assert ensure_glyphs_pool(tmp_path) == tmp_path / "glyphs"
+    assert ensure_glyphs_pool(tmp_path) == new
     assert time.perf_counter() - started < 1.0
 
-    pool = Pool(tmp_path / "glyphs")
+    pool = Pool(new)
     train, test = pool.keys("train"), pool.keys("test")
     assert len(train) + len(test) == len(characters) >= 500 and not set(train) & set(test)
     assert all(in_test_split(chr(int(key[1:], 16))) for key in test)
     assert not any(in_test_split(chr(int(key[1:], 16))) for key in train)
     assert pool.manifest.splits["test"]["images"] == IMAGES_PER_TASK * len(test)
-    assert (tmp_path / "glyphs" / "contact_sheet.png").is_file()
+    assert (new / "contact_sheet.png").is_file()
+    assert train != sorted(train)  # written in a shuffled order: every shard mixes scripts
+    for shard in pool.shards("train"):
+        assert len({script(key) for key in shard.keys}) >= 3, shard.file
     sample = [pair for pair in characters if not in_test_split(pair[0])][::97]
     stored = pool.load_tasks("train", [f"u{ord(char):04x}" for char, _ in sample])
     for task in glyph_tasks(0, sample):  # the cached bytes are what the builder renders for seed 0

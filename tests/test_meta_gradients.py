@@ -163,15 +163,15 @@ def test_maml_with_two_d_steps_matches_finite_differences():
 
 def test_second_order_algorithms_refuse_the_first_order_inner_adam():
     for algorithm in ("maml", "metasgd"):
-        with pytest.raises(ValueError, match=f"inner_rule 'adam' with algorithm '{algorithm}'"):
+        with pytest.raises(ValueError, match=f"meta.inner_rule 'adam' with meta.algorithm '{algorithm}'"):
             MetaConfig(algorithm=algorithm, inner_rule="adam")
 
 
 @pytest.mark.parametrize(
     "field,value,match",
-    [("inner_rule", "rmsprop", "unknown inner_rule 'rmsprop'"), ("d_steps", 0, "d_steps must be"),
-     ("inner_beta1", 1.0, "inner_beta1 must lie"), ("gp_weight", -1.0, "gp_weight must be"),
-     ("inner_steps", 1.5, "inner_steps must be")],
+    [("inner_rule", "rmsprop", "unknown meta.inner_rule 'rmsprop'"), ("d_steps", 0, "meta.d_steps must be >= 1"),
+     ("inner_beta1", 1.0, r"meta.inner_beta1 must be in \[0, 1\)"), ("gp_weight", -1.0, "meta.gp_weight must be >= 0"),
+     ("inner_steps", 1.5, "meta.inner_steps must be of type int")],
 )
 def test_bad_inner_loop_settings_are_errors_naming_them(field, value, match):
     with pytest.raises(ValueError, match=match):

@@ -5,6 +5,7 @@ skipped on a developer machine, but fails under CI=true, so CI can never pass it
 """
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from train_utils import REPO, latest_step, make_tiny_pool, tiny_run_args
+from train_utils import REPO, fault_env, latest_step, make_tiny_pool, tiny_run_args
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo")
+SLOW_STOP_CHECKPOINT_S = 35  # longer than torchrun's default 30 s from SIGTERM to SIGKILL
 
 
 def _need_slurm():
@@ -131,12 +133,14 @@ def _job_state(job: str, env: dict) -> str:
 
 @pytest.mark.slow
 def test_usr1_before_the_time_limit_checkpoints_and_requeues(slurm_cluster, tmp_path):
+    """The whole preemption path, with a stop checkpoint that takes longer than torchrun's default
+    30 s between SIGTERM and SIGKILL (a slow file system): the script's wider window keeps it."""
     pool = make_tiny_pool(tmp_path / "pool")
     out = tmp_path / "run"
     steps = 60
     args = tiny_run_args(pool, out, steps, **{"run.checkpoint_every": 2})
     env = {**slurm_cluster, "NPROC_PER_NODE": "2", "CONFIG": "launch/configs/cpu_2rank.yaml",
-           "PYTHON": sys.executable, "RDZV_PORT": "29534"}
+           "PYTHON": sys.executable, "RDZV_PORT": "29534", **fault_env(slow_stop_checkpoint_s=SLOW_STOP_CHECKPOINT_S)}
     log = tmp_path / "job.out"
     submitted = subprocess.run(
         ["sbatch", "--parsable", "--nodes=1", f"--chdir={REPO}", f"--output={log}", "launch/slurm/train.sbatch",
@@ -161,7 +165,10 @@ def test_usr1_before_the_time_limit_checkpoints_and_requeues(slurm_cluster, tmp_
         time.sleep(1)
     output = log.read_text(errors="replace")
     assert _job_state(job, env) == "COMPLETED", output[-4000:]
-    assert "USR1: the time limit is near" in output and "stop signal received" in output
-    assert "(restart 1)" in output and "resumed from" in output
+    assert "USR1: the time limit is near" in output and "faults: writing" in output
+    stopped = re.search(r"stop signal received: checkpointed at step (\d+)", output)
+    assert stopped, output[-4000:]  # the slow stop checkpoint was finished, not killed
+    resumed = re.search(r"resumed from \S+ at step (\d+)", output.split("(restart 1)")[-1])
+    assert resumed and resumed.group(1) == stopped.group(1), output[-4000:]  # nothing lost
     assert f"finished at step {steps}/{steps}" in output
     assert latest_step(out) == steps

@@ -2,15 +2,20 @@
 
 import dataclasses
 import json
+import os
+import shutil
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from metagan_dist.config import TrainConfig, load_config
 from train_utils import (
-    finish, latest_step, make_tiny_pool, meta_parameters, send, tiny_run_args, torchrun, train,
-    wait_for_checkpoint, worker_pid,
+    REPO, TRAIN, fault_env, finish, latest_step, make_tiny_pool, meta_parameters, send, tiny_run_args, torchrun,
+    train, wait_for_checkpoint, worker_pid,
 )
 
 
@@ -36,7 +41,7 @@ def test_help_documents_every_option():
     "override,message",
     [("meta.inner_stepz=2", "unknown config key 'meta.inner_stepz'"),
      ("run.steps=many", "bad value for config key 'run.steps'"),
-     ("meta.loss=lsgan", "unknown loss 'lsgan'"),
+     ("meta.loss=lsgan", "unknown meta.loss 'lsgan'"),
      ("engine.name=jax", "unknown engine.name 'jax'")],
 )
 def test_bad_configuration_is_one_clear_error(override, message, tmp_path):
@@ -100,6 +105,83 @@ def test_resume_with_an_incompatible_config_is_refused(pool, tmp_path):
     assert "algorithm: maml" in (out / "config.yaml").read_text()  # the run's record is untouched
 
 
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_metrics_log_the_meta_gradient_norm_before_clipping(pool, tmp_path):
+    out = tmp_path / "run"
+    result = train(tiny_run_args(pool, out, 3, **{"optim.grad_clip": 1e-4}))
+    assert result.returncode == 0, result.stderr
+    lines = metrics(out)
+    assert all(line["meta_grad_norm"] > 1e-2 for line in lines)  # the raw norm, far above the clip
+    assert [line["clipped_fraction"] for line in lines] == [1.0, 1.0, 1.0]
+    assert [line["clipped_steps"] for line in lines] == [1, 2, 3]
+
+
+def test_a_pool_without_a_test_split_trains_and_says_so(tmp_path):
+    no_test = make_tiny_pool(tmp_path / "no-test", test_fraction=0.0)
+    out = tmp_path / "run"
+    result = train(tiny_run_args(no_test, out, 2))
+    assert result.returncode == 0, result.stderr
+    assert "has no 'test' split: the sample grids show 2 meta-TRAINING tasks" in result.stderr
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["step-00000000.png", "step-00000002.png"]
+
+
+def test_after_a_resume_metrics_hold_each_step_once(pool, tmp_path):
+    out = tmp_path / "run"
+    assert train(tiny_run_args(pool, out, 5, **{"run.checkpoint_every": 3})).returncode == 0
+    # As if the run had died after logging step 5 but before its checkpoint: LATEST still names step 3.
+    checkpoints = out / "checkpoints"
+    (checkpoints / "LATEST").write_text("step-00000003")
+    for leftover in checkpoints.glob("step-00000005*"):
+        shutil.rmtree(leftover)
+    result = train(tiny_run_args(pool, out, 7, **{"run.checkpoint_every": 3}))
+    assert result.returncode == 0, result.stderr
+    assert [line["step"] for line in metrics(out)] == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_a_stop_signal_during_set_up_ends_the_run_cleanly(pool, tmp_path):
+    out, marker = tmp_path / "run", tmp_path / "in-set-up"
+    env = {**os.environ, **fault_env(slow_set_up={"rank": 0, "seconds": 4, "marker": str(marker)})}
+    process = subprocess.Popen([sys.executable, TRAIN, *tiny_run_args(pool, out, 5)], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "stopped by a signal during set-up (SIGTERM on rank 0), before any meta-step" in stdout
+    assert "Traceback" not in stderr and latest_step(out) == 0
+
+
+def test_a_non_finite_step_is_skipped_and_training_goes_on(pool, tmp_path):
+    out = tmp_path / "run"
+    result = train(tiny_run_args(pool, out, 4), env=fault_env(nan_grads={"rank": 0, "from_step": 2, "to_step": 2}))
+    assert result.returncode == 0, result.stderr
+    assert "step 2 skipped on every rank: non-finite meta-gradient or loss (1 skipped so far)" in result.stderr
+    lines = metrics(out)
+    assert [line["skipped_steps"] for line in lines] == [0, 1, 1, 1]
+    assert "meta_grad_norm" not in lines[1] and "meta_grad_norm" in lines[2]  # a skipped step has no norm
+    assert all(torch.isfinite(value).all() for value in meta_parameters(out).values())
+
+
+def test_too_many_non_finite_steps_stop_with_one_line_and_a_good_checkpoint(pool, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_run_args(pool, out, 10, **{"run.checkpoint_every": 1, "run.max_skipped_steps": 2})
+    result = train(args, env=fault_env(nan_grads={"rank": 0, "from_step": 3, "to_step": None}))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: 3 consecutive meta-steps had non-finite meta-gradients or losses (run.max_skipped_steps=2); lower "
+        f"optim.lr or meta.inner_lr (last good checkpoint: {out / 'checkpoints' / 'step-00000004'})")
+    assert "Traceback" not in result.stderr
+    # Skipped steps leave the meta-parameters as they were, so their checkpoints are good ones too.
+    assert latest_step(out) == 4
+    assert all(torch.isfinite(value).all() for value in meta_parameters(out).values())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_a_signal_to_one_rank_stops_every_rank_at_a_checkpoint(pool, tmp_path, sig):
@@ -134,19 +216,28 @@ def test_a_killed_rank_restarts_from_the_last_checkpoint(pool, tmp_path):
 
 @pytest.mark.slow
 def test_deepspeed_engine_matches_the_torch_engine(pool, tmp_path):
-    """ZeRO-2 on 2 gloo ranks, with a save/resume half way, against Adam on the same tasks (no clipping)."""
-    common = {"run.checkpoint_every": 2, "optim.lr": 1e-2}
+    """ZeRO-2 on 2 gloo ranks, stopped by a signal at step 3 and resumed, against the torch engine on the
+    same tasks, with decoupled weight decay, clipping that acts on some steps, and a cosine schedule."""
+    common = {"run.checkpoint_every": 2, "optim.lr": 1e-2, "optim.weight_decay": 0.5, "optim.grad_clip": 1.0,
+              "optim.schedule": "cosine"}
     torch_run = tmp_path / "torch"
     code, output = finish(torchrun(tiny_run_args(pool, torch_run, 6, **common)))
     assert code == 0, output[-3000:]
     ds_run = tmp_path / "deepspeed"
-    ds = {**common, "engine.name": "deepspeed", "engine.deepspeed_config": "launch/configs/deepspeed_zero2.json"}
-    code, output = finish(torchrun(tiny_run_args(pool, ds_run, 3, **ds)), timeout=900)  # may JIT-compile an op
-    assert code == 0, output[-3000:]
-    code, output = finish(torchrun(tiny_run_args(pool, ds_run, 6, **ds)))
+    ds = tiny_run_args(pool, ds_run, 6, **common, **{"engine.name": "deepspeed",
+                                                      "engine.deepspeed_config": "launch/configs/deepspeed_zero2.json"})
+    stop = fault_env(signal_at_step={"rank": 1, "step": 3, "signal": "SIGTERM"})
+    code, output = finish(torchrun(ds, env=stop), timeout=900)  # may JIT-compile an op
+    assert code == 0 and "checkpointed at step 3" in output, output[-3000:]
+    code, output = finish(torchrun(ds))
     assert code == 0 and "resumed from" in output, output[-3000:]
     a, b = meta_parameters(torch_run), meta_parameters(ds_run)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
     earlier = meta_parameters(torch_run / "checkpoints" / "step-00000002")
     assert not torch.equal(a["generator"], earlier["generator"])  # the engines really stepped
+    logged = [metrics(run) for run in (torch_run, ds_run)]
+    for key in ("meta_grad_norm", "lr"):
+        assert [line[key] for line in logged[1]] == pytest.approx([line[key] for line in logged[0]], rel=1e-4), key
+    clipped = [line["clipped_fraction"] for line in logged[0]]
+    assert clipped == [line["clipped_fraction"] for line in logged[1]] and 0 < sum(clipped) < len(clipped)

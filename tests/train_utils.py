@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,9 +18,16 @@ from metagan_dist.data.arrays import array_source
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "launch" / "train.py")
+FAULTS = Path(__file__).resolve().parent / "faults"  # sitecustomize.py: fault injection into launch/train.py
 
 
-def make_tiny_pool(folder: Path) -> Path:
+def fault_env(**faults: object) -> dict[str, str]:
+    """Environment additions that make launch/train.py (in any process) inject `faults`; see tests/faults."""
+    path = os.pathsep.join(p for p in (str(FAULTS), os.environ.get("PYTHONPATH")) if p)
+    return {"PYTHONPATH": path, "METAGAN_TEST_FAULTS": json.dumps(faults)}
+
+
+def make_tiny_pool(folder: Path, test_fraction: float = 0.2, shard_tasks: int = 2) -> Path:
     """40 tasks x 12 images of 1x8x8 (each task a noisy blob at its own place), 2 tasks per shard."""
     rng = np.random.default_rng(0)
     images, labels = [], []
@@ -30,8 +38,8 @@ def make_tiny_pool(folder: Path) -> Path:
         for _ in range(12):
             images.append((255 * np.clip(blob + 0.1 * rng.random((8, 8)), 0, 1)).astype(np.uint8))
             labels.append(task)
-    source = array_source(np.stack(images), np.array(labels), size=8, test_fraction=0.2)
-    write_pool(source, folder, command="tests: make_tiny_pool", maxcount=2)
+    source = array_source(np.stack(images), np.array(labels), size=8, test_fraction=test_fraction)
+    write_pool(source, folder, command="tests: make_tiny_pool", maxcount=shard_tasks)
     return folder
 
 
@@ -65,9 +73,10 @@ def tiny_run_args(pool: Path, out_dir: Path, steps: int, **overrides: object) ->
     return [f"{key}={value}" for key, value in values.items()]
 
 
-def train(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """One process: python launch/train.py ARGS."""
-    return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+def train(args: list[str], timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """One process: python launch/train.py ARGS (with `env` added to the environment)."""
+    return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**os.environ, **(env or {})})
 
 
 def train_tiny_run(pool: Path, out: Path, *overrides: str, steps: int = 2) -> Path:
@@ -78,11 +87,12 @@ def train_tiny_run(pool: Path, out: Path, *overrides: str, steps: int = 2) -> Pa
     return out
 
 
-def torchrun(args: list[str], nproc: int = 2, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+def torchrun(args: list[str], nproc: int = 2, extra: tuple[str, ...] = (),
+             env: dict[str, str] | None = None) -> subprocess.Popen:
     """torchrun --standalone --nproc_per_node=N launch/train.py ARGS, started in the background."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                *extra, TRAIN, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     # Its own process group, so that finish() can stop the agent and every worker together.
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env,
                             start_new_session=True)

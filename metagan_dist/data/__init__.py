@@ -6,7 +6,7 @@ Nothing here imports webdataset or matplotlib until a pool is read, written or r
 from metagan_dist.data.glyphs import build_glyphs_pool, ensure_glyphs_pool
 from metagan_dist.data.manifest import Manifest, PoolError, ShardInfo
 from metagan_dist.data.pool import Pool
-from metagan_dist.data.stream import TaskBatch, TaskStream, images_to_tensor
+from metagan_dist.data.stream import TaskBatch, TaskSampler, TaskStream, images_to_tensor
 from metagan_dist.data.writer import Task, TaskSource, WriteSummary, write_pool
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "ShardInfo",
     "Task",
     "TaskBatch",
+    "TaskSampler",
     "TaskSource",
     "TaskStream",
     "WriteSummary",

@@ -7,6 +7,8 @@ by fewer than MIN_FONTS fonts are left out, and so are homoglyphs (a character w
 rendering equals an earlier one's, e.g. Greek Alpha after Latin A). Each task has
 IMAGES_PER_TASK 32x32 grayscale images (white on black), cycling over its covering fonts with
 seeded random affine jitter and stroke width. The meta-test split is the whole Georgian script.
+Tasks are written in a seeded random order, so every shard mixes scripts (in code point order a
+shard would hold one script's range).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from PIL import Image, ImageDraw, ImageFont
 from metagan_dist.data.manifest import MANIFEST_NAME, Manifest, PoolError
 from metagan_dist.data.writer import Task, TaskSource, WriteSummary, write_pool
 
-GLYPHS_VERSION = 1  # bump when the rendering or the selection changes: cached pools are then rejected
+GLYPHS_VERSION = 2  # bump when the pool changes: the cache folder is per version, so a new one is built
+# Versions: 1 code point order; 2 the same tasks in a seeded random order.
 IMAGE_SIZE = 32
 IMAGES_PER_TASK = 32
 MIN_FONTS = 8
@@ -147,12 +150,18 @@ def glyph_tasks(seed: int, characters: list[tuple[str, list[str]]]) -> Iterator[
         )
 
 
+def shuffled(characters: list[tuple[str, list[str]]], seed: int) -> list[tuple[str, list[str]]]:
+    """The characters in a random order drawn from `seed`: shards then mix scripts."""
+    order = np.random.default_rng([seed, GLYPHS_VERSION]).permutation(len(characters))
+    return [characters[i] for i in order]
+
+
 def glyph_source(seed: int = 0, characters: list[tuple[str, list[str]]] | None = None) -> TaskSource:
-    """The glyphs pool's tasks (all selected characters unless given), rendered lazily."""
+    """The glyphs pool's tasks (all selected characters unless given) in a seeded random order, rendered lazily."""
     import matplotlib
     import PIL
 
-    characters = select_characters() if characters is None else characters
+    characters = shuffled(select_characters() if characters is None else characters, seed)
     info = {
         "kind": "glyphs",
         "seed": seed,
@@ -161,6 +170,7 @@ def glyph_source(seed: int = 0, characters: list[tuple[str, list[str]]] | None =
         "min_fonts": MIN_FONTS,
         "images_per_task": IMAGES_PER_TASK,
         "test_split": f"every character whose Unicode name starts with {TEST_SCRIPT}",
+        "order": "seeded random (shards mix scripts)",
         "matplotlib": matplotlib.__version__,
         "pillow": PIL.__version__,
         "freetype": ImageFont.core.freetype2_version,
@@ -174,9 +184,13 @@ def build_glyphs_pool(out: str | Path, seed: int = 0, *, command: str, overwrite
 
 
 def glyphs_pool_path(root: str | Path | None = None, seed: int = 0) -> Path:
-    """Where the glyphs pool of `seed` lives: root/glyphs (seed 0) or root/glyphs-seed<seed>."""
+    """Where the glyphs pool of `seed` lives: root/glyphs-v<GLYPHS_VERSION> (seed 0), or with -seed<seed>.
+
+    One folder per version: a new version is built beside the old one, never over it, so a job still
+    reading the old pool keeps its files.
+    """
     root = default_data_root() if root is None else Path(root)
-    return root / ("glyphs" if seed == 0 else f"glyphs-seed{seed}")
+    return root / (f"glyphs-v{GLYPHS_VERSION}" + ("" if seed == 0 else f"-seed{seed}"))
 
 
 def ensure_glyphs_pool(root: str | Path | None = None, seed: int = 0) -> Path:

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable, Iterable, Iterator
-from itertools import islice
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -31,17 +30,6 @@ def import_webdataset() -> ModuleType:
             "(machines without network access need its wheel copied in)"
         ) from exn
     return webdataset
-
-
-def split_by_rank(rank: int, world_size: int) -> Callable[[Iterable], Iterator]:
-    """An explicit WebDataset nodesplitter: items rank, rank + world_size, ... (no environment lookup)."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside 0..{world_size - 1} (world_size={world_size})")
-
-    def nodesplitter(src: Iterable) -> Iterator:
-        return islice(src, rank, None, world_size)
-
-    return nodesplitter
 
 
 def shard_samples(path: Path) -> Iterator[dict]:
