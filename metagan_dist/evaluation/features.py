@@ -1,8 +1,13 @@
 """The feature space of the metrics: a small CNN trained to tell which meta-train task an image is from.
 
 Nothing is downloaded: the network learns the features that separate this pool's tasks, and its
-penultimate layer (FEATURE_DIM values) feeds FID, KID, precision/recall and diversity. It is
-trained once per pool and cached beside it (`load_or_train_feature_net`).
+penultimate layer (FEATURE_DIM values) feeds recognizability, FID, KID, precision/recall and
+diversity. It is trained once per pool and cached beside it (`load_or_train_feature_net`).
+
+It trains on corrupted images too (`corrupt`: pixel noise, salt and pepper, blur, a lifted
+background, thicker or thinner strokes). Without them its features are brittle: on held-out glyph
+tasks, 5% salt noise took real images' recognizability from 0.97 to 0.13 and a 1-pixel blur to 0.64,
+so a recognisable but noisy sample scored like noise, and the metric disagreed with the pictures.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from tqdm import tqdm
 log = logging.getLogger(__name__)
 
 FEATURE_DIM = 128
-CACHE_FORMAT = 1  # bump when the network, its training recipe or the cache layout changes
+CACHE_FORMAT = 2  # bump when the network, its training recipe or the cache layout changes
+CLEAN_SHARE = 0.25  # share of training images left uncorrupted
 HELD_OUT_FRACTION = 0.1
 BATCH_SIZE = 128
 LEARNING_RATE = 5e-3
@@ -129,7 +135,7 @@ def train_feature_net(
     for _ in bar:
         net.train()
         for batch in train[torch.randperm(len(train), generator=generator)].split(BATCH_SIZE):
-            loss = F.cross_entropy(net(inputs[batch].to(device)), targets[batch].to(device))
+            loss = F.cross_entropy(net(corrupt(inputs[batch], generator).to(device)), targets[batch].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -141,6 +147,28 @@ def train_feature_net(
         len(classes), net.heldout_accuracy, 1 / len(classes),
     )
     return net.eval()
+
+
+def corrupt(images: Tensor, generator: torch.Generator) -> Tensor:
+    """Each image [N, C, H, W] in [-1, 1] with one nuisance a task's identity survives, or none (CLEAN_SHARE).
+
+    Gaussian noise (σ up to 0.4), salt and pepper (up to 10% of pixels), a 3x3 blur blended in, a
+    background lifted by up to 0.6, or strokes one pixel thicker or thinner.
+    """
+    n, shape = len(images), images.shape
+    per_image = (n, 1, 1, 1)
+    noisy = images + 0.4 * torch.rand(per_image, generator=generator) * torch.randn(shape, generator=generator)
+    salt_share, draw = 0.1 * torch.rand(per_image, generator=generator), torch.rand(shape, generator=generator)
+    salted = torch.where(draw < salt_share / 2, -1.0, torch.where(draw < salt_share, 1.0, images))
+    blend = torch.rand(per_image, generator=generator)
+    blurred = (1 - blend) * images + blend * F.avg_pool2d(images, 3, 1, 1, count_include_pad=False)
+    lifted = images.clamp(min=-1 + 0.6 * torch.rand(per_image, generator=generator))
+    thicker = F.max_pool2d(images, 3, 1, 1)
+    thinner = -F.max_pool2d(-images, 3, 1, 1)
+    variants = torch.stack([images, noisy, salted, blurred, lifted, thicker, thinner])
+    weights = torch.tensor([CLEAN_SHARE / (1 - CLEAN_SHARE) * 6] + [1.0] * 6)
+    choice = torch.multinomial(weights, n, replacement=True, generator=generator)
+    return variants[choice, torch.arange(n)].clamp(-1, 1)
 
 
 @torch.no_grad()
