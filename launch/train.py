@@ -222,9 +222,10 @@ def main(argv: list[str] | None = None) -> None:
     sample_shots = sample_inputs = None
     if ctx.is_main:
         test_tasks = setup.sample_tasks
-        sample_shots = images_to_tensor(np.stack([t[: cfg.data.shots] for t in test_tasks.values()])).to(ctx.device)
+        k, z = cfg.run.sample_shots, cfg.model.z_dim  # meta-test k and S may differ from meta-training's
+        sample_shots = images_to_tensor(np.stack([t[:k] for t in test_tasks.values()])).to(ctx.device)
         fixed = torch.Generator().manual_seed(rank_seed(cfg.run.seed, 0, purpose=2))
-        n, k, z = sample_shots.shape[0], cfg.data.shots, cfg.model.z_dim
+        n = sample_shots.shape[0]
         sample_inputs = [t.to(ctx.device) for t in (
             torch.randn(cfg.run.sample_steps, n, k, z, generator=fixed),
             torch.rand(cfg.run.sample_steps, n, k, generator=fixed),

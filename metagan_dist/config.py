@@ -101,7 +101,10 @@ class RunConfig:
                        check=at_least(0, " (0 = CPU cores / ranks on this node)"))
     log_every: int = opt(10, "write metrics.jsonl and TensorBoard scalars every N steps", check=at_least(1))
     sample_every: int = opt(250, "write a sample grid every N steps (and at the end)", check=at_least(1))
-    sample_steps: int = opt(5, "inner steps the sample tasks are adapted with before generating", check=at_least(1))
+    sample_shots: int = opt(4, "k shots the sample grids adapt on (meta-test k; may differ from data.shots)",
+                            check=at_least(1))
+    sample_steps: int = opt(10, "inner steps the sample grids adapt for before drawing (meta-test S; may differ "
+                                "from meta.inner_steps)", check=at_least(1))
     checkpoint_every: int = opt(500, "checkpoint every N steps (and at exit)", check=at_least(1))
     keep_checkpoints: int = opt(3, "checkpoints kept in out_dir/checkpoints (older ones are deleted)",
                                 check=at_least(1))
@@ -141,7 +144,7 @@ SECTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
 # Keys that may change when a run resumes; any other difference makes the checkpoint incompatible.
 RESUMABLE_CHANGES = (
-    "run.steps", "run.log_every", "run.sample_every", "run.sample_steps", "run.checkpoint_every",
+    "run.steps", "run.log_every", "run.sample_every", "run.sample_shots", "run.sample_steps", "run.checkpoint_every",
     "run.keep_checkpoints", "run.check_every", "run.max_skipped_steps", "run.threads", "run.device",
     "run.out_dir", "data.skip_corrupt", "data.sample_tasks", "data.workers", "engine.bucket_mb",
 )
