@@ -22,7 +22,7 @@ from metagan_dist.meta import MetaConfig, MetaLearner
 pytestmark = pytest.mark.slow
 SHOTS, WAYS, FITTED, SAMPLES = 4, 20, 3, 64
 # A plain GAN recipe (Adam 2e-3, β 0.5/0.999, 16 fakes a step, one D step), not the meta-learning one.
-STEPS, RULE, FAKES = {"mlp": 800, "dcgan": 400}, InnerAdam(2e-3, (0.5, 0.999)), 16
+STEPS, RULE, FAKES = {"mlp": 1000, "dcgan": 500}, InnerAdam(2e-3, (0.5, 0.999)), 16
 
 
 @pytest.fixture(scope="module")
