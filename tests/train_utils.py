@@ -62,13 +62,13 @@ def make_square_pool(out: Path, tasks: int = 8, images: int = 12, size: int = SQ
 
 
 def tiny_run_args(pool: Path, out_dir: Path, steps: int, **overrides: object) -> list[str]:
-    """key=value overrides for a fast run on a tiny pool (MAML unless overridden)."""
+    """key=value overrides for a fast run on a tiny pool (MAML with inner SGD unless overridden)."""
     values = {
         "data.pool": pool, "model.arch": "mlp", "model.width": 16, "model.z_dim": Z_DIM, "data.shots": SHOTS,
         "data.queries": 3, "data.tasks_per_rank": 2, "data.workers": 0, "data.batches_per_epoch": 4,
         "data.sample_tasks": 2, "run.threads": 1, "run.steps": steps, "run.out_dir": out_dir, "run.log_every": 1,
         "run.sample_every": 1000, "run.checkpoint_every": 1000, "run.device": "cpu",
-        "meta.algorithm": "maml", "meta.inner_steps": 2, "meta.inner_lr": 0.05,
+        "meta.algorithm": "maml", "meta.inner_rule": "sgd", "meta.inner_steps": 2, "meta.inner_lr": 0.05,
     }
     values.update(overrides)
     return [f"{key}={value}" for key, value in values.items()]
