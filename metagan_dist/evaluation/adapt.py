@@ -92,6 +92,9 @@ def adapt(args: argparse.Namespace) -> None:
         adaptation.advance(support, inner_noise[step : step + 1], inner_mix[step : step + 1])
     with torch.no_grad():
         samples = model.learner.G(adaptation.generator, sample_noise)
+    if not (torch.isfinite(adaptation.generator).all() and torch.isfinite(samples).all()):
+        raise ValueError(f"the adaptation diverged: non-finite generator weights or samples after {args.steps} steps "
+                         f"with rule {rule}; nothing written (try a smaller rate)")
 
     out = Path(args.out or Path("adapted") / name)
     grid = out / "grid.png"
