@@ -151,8 +151,8 @@ def plot_curves(report: dict, path: Path) -> None:
     """Recognizability and KID (mean, band ± one standard error over tasks x seeds) against adaptation steps.
 
     One line per row (meta-learned solid, baselines dashed); the reference rows are horizontal
-    lines. The KID axis stops at 3x the highest KID before adaptation, so one diverging row cannot
-    flatten the others.
+    lines. The KID axis spans -0.2x to 3x the highest KID before adaptation, so one diverging row
+    cannot flatten the others.
     """
     import matplotlib
 
@@ -188,8 +188,8 @@ def plot_curves(report: dict, path: Path) -> None:
             ax.axhline(1 / settings["ways"], color="grey", linewidth=0.8, label=f"chance (1/{settings['ways']})")
             ax.set_ylabel(f"recognizability ({settings['ways']}-way) ↑")
         else:
-            if first_highest > 0:
-                ax.set_ylim(top=3 * first_highest)
+            if first_highest > 0:  # a diverging row's band would stretch the axis both ways
+                ax.set_ylim(-0.2 * first_highest, 3 * first_highest)
             ax.set_ylabel("KID (thousands) ↓")
     axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(f"{Path(settings['pool']).name}: k = {settings['shots']} shots, {settings['tasks']} tasks x "
