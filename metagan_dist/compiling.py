@@ -40,7 +40,10 @@ class Compiled:
     def failed(self, err: BaseException) -> None:
         """Give up compiling, with one warning line naming the error."""
         if not self.broken:
-            first_line = (str(err).strip().splitlines() or [""])[0][:200]
+            root = err
+            while (cause := root.__cause__ or getattr(root, "inner_exception", None)) is not None:
+                root = cause  # the compiler's wrappers say little; their cause says what failed
+            first_line = next((line.strip() for line in str(root).splitlines() if line.strip()), "")[:200]
             logger.warning("meta.compile: torch.compile of %s failed (%s: %s); running it eagerly from now on",
-                           self.what, type(err).__name__, first_line)
+                           self.what, type(root).__name__, first_line)
         self.broken = True

@@ -224,16 +224,16 @@ def test_a_failing_compiler_falls_back_with_one_warning(where, fresh_compiled, m
         torch.testing.assert_close(got.flat, eager.flat, rtol=0, atol=0)
 
 
-def test_no_working_cxx_compiler_falls_back(fresh_compiled, monkeypatch, caplog):
+def test_no_working_cxx_compiler_falls_back(fresh_compiled, caplog):
     """The real compiler, pointed at a C++ compiler that does not exist: the step runs eagerly."""
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
     G, D = tiny_pair()
     batch = make_batch(G, tasks=2)
     cfg = MetaConfig(algorithm="fomaml", inner_steps=2, inner_lr=0.1)
-    with caplog.at_level(logging.WARNING, logger="metagan_dist"):
+    # inductor's own patch: monkeypatch.undo would delete the config entries instead of restoring them
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}), \
+            caplog.at_level(logging.WARNING, logger="metagan_dist"):
         got = meta_gradients(G, D, batch, dataclasses.replace(cfg, compile=True))
     assert [r.getMessage() for r in caplog.records if "C++ compiler" in r.getMessage()]
     torch.testing.assert_close(got.flat, meta_gradients(G, D, batch, cfg).flat, rtol=0, atol=0)
