@@ -11,7 +11,9 @@ Variants, each checked against the loop's meta-gradient before anything is timed
   loop          one task at a time, plain autograd on per-parameter tensors (the learn2learn way)
   eager         meta_gradients with all T tasks in one chunk (meta.task_chunk = T)
   chunked       meta_gradients with meta.task_chunk = --chunk (default: the config default)
-  compiled      chunked, with meta.compile; its compile time is reported apart from its step time
+  compiled      chunked, with meta.compile; its compile time (first call less one step) is reported
+                apart from its step time; torch's on-disk caches shorten it unless TORCHINDUCTOR_CACHE_DIR
+                points to an empty folder
   chunk=C       with --chunks C ...: eager at meta.task_chunk = C, to choose the chunk
 
 Per config, the variants alternate call by call (A, B, C, A, B, C, ...) so that load drifts hit
@@ -40,6 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.utils import counters
 from torch.func import functional_call
 
 from metagan_dist import EpisodeBatch, MetaConfig, build_pair, meta_gradients
@@ -136,6 +139,7 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 def bench_config(name: str, config: Config, args: argparse.Namespace, device: torch.device) -> list[dict]:
     """One record per variant of one config: tasks/s, ratio to the loop, peak MB (and compile time)."""
     G, D, batch, cfg = setup(config, device)
+    torch._dynamo.reset()  # each config compiles afresh, never against another config's recompile limit
     runs: dict[str, Callable[[], torch.Tensor]] = {}
     chunk_of = {}
     for variant, setting in variants(args.variants, args.chunks, args.chunk, config).items():
@@ -148,11 +152,13 @@ def bench_config(name: str, config: Config, args: argparse.Namespace, device: to
     reference = per_task_loop(G, D, batch, cfg)
     first_calls = {}
     for variant, run in runs.items():  # first calls: correctness, and the compiler's time
+        graphs_before = counters["stats"]["unique_graphs"]
         start = time.perf_counter()
         got = run()
         sync(device)
         diff = ((got - reference).norm() / reference.norm()).item()
-        first_calls[variant] = {"first_call_s": time.perf_counter() - start, "rel_diff_vs_loop": diff}
+        first_calls[variant] = {"first_call_s": time.perf_counter() - start, "rel_diff_vs_loop": diff,
+                                "graphs_compiled": counters["stats"]["unique_graphs"] - graphs_before}
         if diff > args.tolerance:
             raise SystemExit(f"{name} {variant}: meta-gradient differs from the loop's by {diff:.2e}: not comparable")
     times = {variant: [] for variant in runs}
@@ -171,7 +177,8 @@ def bench_config(name: str, config: Config, args: argparse.Namespace, device: to
                   "peak_mb": peak_tensor_bytes(run, device) / 2**20, **first_calls[variant]}
         if variant == "compiled":
             record["compile_s"] = record["first_call_s"] - step
-            record["ran_compiled"] = not COMPILED_FORWARD_STEP.broken
+            # dynamo runs a frame eagerly, silently, when it cannot compile it (recompile limit): count graphs too
+            record["ran_compiled"] = not COMPILED_FORWARD_STEP.broken and record["graphs_compiled"] > 0
         out.append(record)
     return out
 
