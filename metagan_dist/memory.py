@@ -3,8 +3,8 @@
 A meta-step allocates and frees the same [C, P] buffers every step. By default glibc serves blocks
 above a threshold (128 KiB to 32 MiB, adjusted as it goes) with mmap and unmaps them when freed,
 and trims the heap's free top back to the OS, so the next step faults every page in again from
-zeroed memory. On the 2-core CPU that was up to half of a batched step's time (minor faults and
-system time in benchmarks/RESULTS.md). `keep_freed_memory` turns both off: every block comes from
+zeroed memory. On the 2-core CPU that was more than half of the eager step's time at T = 64 (minor
+faults and system time in benchmarks/RESULTS.md). `keep_freed_memory` turns both off: every block comes from
 the heap and the heap never shrinks. Resident memory then stays at the highest it has been, which a
 training process returns to on every step anyway. Other C libraries (musl, macOS): nothing is done.
 """
