@@ -19,7 +19,7 @@ train: venv
 	$(PY) launch/train.py
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" tests

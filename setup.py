@@ -32,7 +32,7 @@ setup(
         ]
     },
     extras_require={
-        "dev": ["pytest>=7"],
+        "dev": ["pytest>=7", "pytest-timeout>=2", "psutil>=5"],
         "deepspeed": ["deepspeed>=0.14"],
     },
 )

@@ -52,8 +52,9 @@ class ModelConfig:
 class DataConfig:
     pool: str = opt("glyphs", "task pool: 'glyphs' (embedded, built on first use) or a folder holding index.json",
                     check=not_empty())
-    shots: int = opt(5, "k support images per task (the inner loop adapts on these)", check=at_least(1))
-    queries: int = opt(5, "q query images per task (the meta-objective is evaluated on these)", check=at_least(1))
+    shots: int = opt(8, "k support images per task the inner loop adapts on in meta-training (meta-test k may be "
+                            "smaller: run.sample_shots, evaluate --shots)", check=at_least(1))
+    queries: int = opt(4, "q query images per task (the meta-objective is evaluated on these)", check=at_least(1))
     tasks_per_rank: int = opt(8, "T tasks each rank adapts per meta-step", check=at_least(1))
     batches_per_epoch: int = opt(100, "meta-steps per epoch of the task stream (the same on every rank)",
                                  check=at_least(1))
@@ -74,7 +75,7 @@ class OptimConfig:
     name: str = opt("adam", "outer optimizer of both engines: adam (AdamW: Adam with decoupled weight decay) | "
                             "sgd (plain SGD, no momentum; with reptile: θ ← θ + lr·(mean θ_i − θ))",
                     check=one_of(OPTIMIZERS))
-    lr: float = opt(1e-3, "outer learning rate β (ε for sgd), for the meta-parameters and Meta-SGD's rates",
+    lr: float = opt(3e-4, "outer learning rate β (ε for sgd), for the meta-parameters and Meta-SGD's rates",
                     check=above(0))
     schedule: str = opt("constant", "outer learning rate over the run: constant | linear (to 0 at run.steps) | "
                                     "cosine (to 0 at run.steps)", check=one_of(SCHEDULES))
@@ -93,19 +94,19 @@ class OptimConfig:
 class RunConfig:
     out_dir: str = opt("runs/quickstart", "run folder: config, logs, samples, checkpoints; reused to resume",
                        check=not_empty())
-    steps: int = opt(2000, "meta-steps to train", check=at_least(1))
+    steps: int = opt(600, "meta-steps to train", check=at_least(1))
     seed: int = opt(0, "seed of the meta-parameters, the task streams and the noise", check=at_least(0))
     device: str = opt("auto", "auto (cuda:LOCAL_RANK if CUDA is available, else cpu) | cpu | cuda",
                       check=one_of(DEVICES))
     threads: int = opt(0, "torch CPU threads per rank; 0 = CPU cores / ranks on this node",
                        check=at_least(0, " (0 = CPU cores / ranks on this node)"))
     log_every: int = opt(10, "write metrics.jsonl and TensorBoard scalars every N steps", check=at_least(1))
-    sample_every: int = opt(250, "write a sample grid every N steps (and at the end)", check=at_least(1))
+    sample_every: int = opt(100, "write a sample grid every N steps (and at the end)", check=at_least(1))
     sample_shots: int = opt(4, "k shots the sample grids adapt on (meta-test k; may differ from data.shots)",
                             check=at_least(1))
     sample_steps: int = opt(10, "inner steps the sample grids adapt for before drawing (meta-test S; may differ "
                                 "from meta.inner_steps)", check=at_least(1))
-    checkpoint_every: int = opt(500, "checkpoint every N steps (and at exit)", check=at_least(1))
+    checkpoint_every: int = opt(100, "checkpoint every N steps (and at exit)", check=at_least(1))
     keep_checkpoints: int = opt(3, "checkpoints kept in out_dir/checkpoints (older ones are deleted)",
                                 check=at_least(1))
     check_every: int = opt(50, "verify every N steps that all ranks hold identical meta-parameters", check=at_least(1))
@@ -133,8 +134,10 @@ class EngineConfig:
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    # The CPU quick-start trains Reptile: first order, so ~2x the meta-steps of MAML in the same minutes.
-    meta: MetaConfig = field(default_factory=lambda: MetaConfig(algorithm="reptile", inner_steps=5, inner_lr=0.05))
+    # The recipe chosen by benchmarks/few_shot_quality.py (README, "The recipe"): Reptile with a per-task
+    # Adam (β1 = 0) for 10 inner steps, two D steps per G step. The library's MetaConfig() stays MAML.
+    meta: MetaConfig = field(default_factory=lambda: MetaConfig(
+        algorithm="reptile", inner_rule="adam", inner_lr=0.01, inner_beta1=0.0, inner_steps=10, d_steps=2))
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)

@@ -87,7 +87,8 @@ class MetaConfig:
         if self.inner_rule == "adam" and self.algorithm not in FIRST_ORDER:
             raise ValueError(
                 f"meta.inner_rule 'adam' with meta.algorithm {self.algorithm!r}: the inner Adam is a first-order rule "
-                f"that {self.algorithm} cannot differentiate through; use fomaml or reptile with it, or inner_rule sgd"
+                f"that {self.algorithm} cannot differentiate through; use fomaml or reptile with it, or "
+                f"meta.inner_rule=sgd (with an SGD rate, e.g. meta.inner_lr=0.05)"
             )
 
 

@@ -60,6 +60,14 @@ def error_of(capsys, *argv: str) -> str:
 
 # ---- end to end ----
 
+def test_a_diverged_adaptation_is_an_error_and_writes_nothing(run, tmp_path, capsys):
+    images = write_images(tmp_path / "shots", 5)
+    err = error_of(capsys, run, "--images", images, "--steps", "3", "--rule", "sgd:1e30", "--out", tmp_path / "out",
+                   "--device", "cpu")
+    assert "the adaptation diverged" in err and "sgd:1e+30" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_adapt_from_a_folder_writes_the_grid_and_the_weights(run, tmp_path, capsys):
     images = write_images(tmp_path / "shots", 5)
     (images / "notes.txt").write_text("not an image")

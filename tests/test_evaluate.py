@@ -151,7 +151,7 @@ def test_the_markdown_table_plot_grids_and_feature_cache_are_written(evaluated, 
     assert len(grids) == len(LABELS)
     with Image.open(evaluated / "grids" / "maml_meta.png") as grid:  # TASKS rows of k shots + M samples
         assert grid.size == ((SHOTS + SAMPLES) * 33 + 1, TASKS * 33 + 1)
-    assert (pool / "feature_net.pt").is_file()
+    assert (pool / "feature_net.pt").is_file() and (pool / "recognition_net.pt").is_file()
 
 
 def test_pretraining_is_seeded_and_moves_the_parameters(runs, pool):

@@ -6,8 +6,12 @@ import torch
 
 from metagan_dist.evaluation import features
 from metagan_dist.evaluation.features import (
+    DISTRIBUTION_FILE,
     FEATURE_DIM,
+    RECOGNITION_FILE,
+    corrupt,
     load_or_train_feature_net,
+    load_or_train_feature_spaces,
     train_feature_net,
     uint8_to_unit_range,
 )
@@ -61,6 +65,39 @@ def test_training_is_deterministic_given_the_seed(pool):
     for name, value in first.state_dict().items():
         assert torch.equal(value, second.state_dict()[name]), name
     assert not torch.equal(first.head.weight, other.head.weight)
+
+
+def test_corrupt_keeps_shape_and_range_leaves_a_share_clean_and_is_seeded():
+    images = uint8_to_unit_range(_pattern_pool()[0])
+    first = corrupt(images, torch.Generator().manual_seed(0))
+    assert first.shape == images.shape and first.min() >= -1 and first.max() <= 1
+    unchanged = (first == images).flatten(1).all(1).float().mean().item()
+    assert 0.15 < unchanged < 0.45  # CLEAN_SHARE = 0.25 of 160 images, give or take the draw
+    assert torch.equal(first, corrupt(images, torch.Generator().manual_seed(0)))
+
+
+def test_the_corruption_trained_net_recognises_noisy_images_the_clean_net_does_not():
+    images, labels = _pattern_pool(seed=1)
+    clean = train_feature_net(images, labels, epochs=6, seed=0, progress=False)
+    robust = train_feature_net(images, labels, epochs=6, seed=0, corruptions=True, progress=False)
+    test_images, test_labels = _pattern_pool(seed=2)
+    inputs = uint8_to_unit_range(test_images)
+    g = torch.Generator().manual_seed(0)
+    salted = torch.where(torch.rand(inputs.shape, generator=g) < 0.15, torch.ones_like(inputs), inputs)
+
+    def accuracy(net, x):
+        return (net(x).argmax(1).numpy() == test_labels).mean()
+
+    assert accuracy(robust, inputs) >= 0.9  # still a good classifier of clean images
+    assert accuracy(robust, salted) >= accuracy(clean, salted) + 0.2
+
+
+def test_feature_spaces_cache_two_nets_beside_the_pool(tmp_path, pool):
+    spaces = load_or_train_feature_spaces(tmp_path, *pool, epochs=1, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([RECOGNITION_FILE, DISTRIBUTION_FILE])
+    recognition, distribution = spaces.features(uint8_to_unit_range(pool[0][:3]))
+    assert recognition.shape == distribution.shape == (3, FEATURE_DIM)
+    assert not torch.equal(recognition, distribution)
 
 
 def test_uint8_to_unit_range_maps_0_and_255_to_the_ends():

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 
 from metagan_dist.data import write_pool
@@ -61,13 +62,13 @@ def make_square_pool(out: Path, tasks: int = 8, images: int = 12, size: int = SQ
 
 
 def tiny_run_args(pool: Path, out_dir: Path, steps: int, **overrides: object) -> list[str]:
-    """key=value overrides for a fast run on a tiny pool (MAML unless overridden)."""
+    """key=value overrides for a fast run on a tiny pool (MAML with inner SGD unless overridden)."""
     values = {
         "data.pool": pool, "model.arch": "mlp", "model.width": 16, "model.z_dim": Z_DIM, "data.shots": SHOTS,
         "data.queries": 3, "data.tasks_per_rank": 2, "data.workers": 0, "data.batches_per_epoch": 4,
         "data.sample_tasks": 2, "run.threads": 1, "run.steps": steps, "run.out_dir": out_dir, "run.log_every": 1,
         "run.sample_every": 1000, "run.checkpoint_every": 1000, "run.device": "cpu",
-        "meta.algorithm": "maml", "meta.inner_steps": 2, "meta.inner_lr": 0.05,
+        "meta.algorithm": "maml", "meta.inner_rule": "sgd", "meta.inner_steps": 2, "meta.inner_lr": 0.05,
     }
     values.update(overrides)
     return [f"{key}={value}" for key, value in values.items()]
@@ -99,19 +100,35 @@ def torchrun(args: list[str], nproc: int = 2, extra: tuple[str, ...] = (),
 
 
 def finish(process: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
-    """Wait for a torchrun job; on timeout kill its whole process group and fail with its output."""
+    """Wait for a torchrun job; on timeout kill it with every worker and fail with its output."""
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
+        kill_tree(process.pid)
+        output, _ = process.communicate(timeout=60)
         raise AssertionError(f"timed out after {timeout} s; output:\n{output[-4000:]}")
     finally:
-        try:  # workers a failed agent left behind
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_tree(process.pid)  # workers a failed agent left behind
     return process.returncode, output
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants.
+
+    torchrun starts each worker in a session of its own, so killing the agent's process group misses
+    them, and they would keep the agent's stdout pipe open (and a core busy) after it died.
+    """
+    try:
+        root = psutil.Process(pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for member in family:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)
 
 
 def latest_step(out_dir: Path) -> int:

@@ -40,8 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shots", type=int, help="k, the images to adapt on (default: the checkpoint's data.shots)")
     parser.add_argument("--steps", type=int, default=10, help="S adaptation steps, each a G step then a D step (default: 10)")
     parser.add_argument("--rule", default="meta",
-                        help="meta: the checkpoint's inner rule (SGD at meta.inner_lr, or Meta-SGD's learned rates); "
-                             "sgd:LR or adam:LR (Adam betas 0.5, 0.999) (default: meta)")
+                        help="meta: the checkpoint's own inner rule (SGD or Adam at meta.inner_lr, or Meta-SGD's "
+                             "learned rates); sgd:LR, or adam:LR[:BETA1] (β1 default 0.5, β2 0.999) (default: meta)")
     parser.add_argument("--samples", type=int, default=16, help="samples to draw after adapting (default: 16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the adaptation and sample noise (default: 0)")
     parser.add_argument("--resize", action="store_true",
@@ -92,6 +92,9 @@ def adapt(args: argparse.Namespace) -> None:
         adaptation.advance(support, inner_noise[step : step + 1], inner_mix[step : step + 1])
     with torch.no_grad():
         samples = model.learner.G(adaptation.generator, sample_noise)
+    if not (torch.isfinite(adaptation.generator).all() and torch.isfinite(samples).all()):
+        raise ValueError(f"the adaptation diverged: non-finite generator weights or samples after {args.steps} steps "
+                         f"with rule {rule}; nothing written (try a smaller rate)")
 
     out = Path(args.out or Path("adapted") / name)
     grid = out / "grid.png"

@@ -6,12 +6,14 @@
 For each meta-test task and seed: k shots at random; the rest of the task is split into an exam set
 and a reference set. Every method adapts to the same shots with the same noise, for the curve's step
 counts (0, 1, 2, 5, 10, 20, 50 and S), then draws M samples per task, scored against the reference
-set in the feature space of a task classifier trained on the meta-train tasks (cached as
-<pool>/feature_net.pt): recognizability first (is it the task? N-way nearest-prototype accuracy of
-the samples, a task's prototype being the mean feature of its reference set), then k-NN
-precision/recall, KID, FID and diversity. Reference rows are scored exactly like samples: `real`
-(the exam images: the ceiling), `shots` (the k shots: the copy baseline), `other-task` (another
-task's exam images); every init is also scored before adaptation (S = 0).
+set in the feature spaces of two task classifiers trained on the meta-train tasks (cached beside
+the pool): recognizability first (is it the task? N-way nearest-prototype accuracy of the samples,
+a task's prototype being the mean feature of its reference set, in the space of the classifier
+trained with corruptions, <pool>/recognition_net.pt), then k-NN precision/recall, KID, FID and
+diversity (in the space of the classifier trained on clean images, <pool>/feature_net.pt).
+Reference rows are scored exactly like samples: `real` (the exam images: the ceiling), `shots`
+(the k shots: the copy baseline), `other-task` (another task's exam images); every init is also
+scored before adaptation (S = 0).
 
 Methods: each checkpoint (adapted with --rules, default its meta-learned inner rule); `scratch`, a
 random init of the same architecture (a fresh one per seed); `pretrain-finetune`, one GAN trained
@@ -40,7 +42,7 @@ from metagan_dist.data import Pool
 from metagan_dist.evaluation import baselines
 from metagan_dist.evaluation.checkpoint_model import MetaLearnedGAN, load_meta_learned
 from metagan_dist.evaluation.cli_support import DEVICES, open_pool, pick_device, run_command
-from metagan_dist.evaluation.features import load_or_train_feature_net
+from metagan_dist.evaluation.features import DISTRIBUTION_FILE, RECOGNITION_FILE, load_or_train_feature_spaces
 from metagan_dist.evaluation.harness import EvalPlan, Method, check_plan, evaluate
 from metagan_dist.evaluation.report import build_report, markdown, plot_curves
 from metagan_dist.evaluation.rules import Rule, parse_rule
@@ -48,7 +50,6 @@ from metagan_dist.sampling import save_grid
 
 CURVE_STEPS = (0, 1, 2, 5, 10, 20, 50)
 BASELINES = ("scratch", "pretrain-finetune")
-FEATURE_NET_FILE = "feature_net.pt"
 GRID_SAMPLES = 12  # samples shown per task in the grids
 META_TRAIN_SPLIT = "train"
 
@@ -204,19 +205,21 @@ def run(args: argparse.Namespace) -> None:
                     ways=ways, episodes=args.episodes)
     check_plan(plan)
     images, labels = meta_train_images(pool)
-    feature_net = load_or_train_feature_net(pool.path / FEATURE_NET_FILE, images, labels,
-                                            epochs=args.feature_epochs, device=device)
+    spaces = load_or_train_feature_spaces(pool.path, images, labels, epochs=args.feature_epochs, device=device)
     methods, pretrain_record = build_methods(args, loaded, pool, images, device)
 
     start = time.perf_counter()
-    scores, references, grid_shots = evaluate(methods, plan, feature_net, device, grid_step=args.steps,
+    scores, references, grid_shots = evaluate(methods, plan, spaces, device, grid_step=args.steps,
                                               grid_tasks=args.grid_tasks)
     settings = {
         "pool": str(pool.path), "split": args.split, "tasks": len(keys), "task_keys": keys, "shots": plan.shots,
         "steps": args.steps, "curve_steps": plan.steps, "samples": plan.samples, "seeds": plan.seeds,
         "ways": plan.ways, "episodes": plan.episodes,
-        "kid_subsets": plan.kid_subsets, "feature_net": {"path": str(pool.path / FEATURE_NET_FILE),
-                                                         "heldout_accuracy": feature_net.heldout_accuracy},
+        "kid_subsets": plan.kid_subsets,
+        "feature_nets": {"recognition": {"path": str(pool.path / RECOGNITION_FILE),
+                                         "heldout_accuracy": spaces.recognition.heldout_accuracy},
+                         "distribution": {"path": str(pool.path / DISTRIBUTION_FILE),
+                                          "heldout_accuracy": spaces.distribution.heldout_accuracy}},
         "pretrain": pretrain_record, "device": str(device), "torch_threads": torch.get_num_threads(),
         "machine": platform.platform(), "evaluate_seconds": round(time.perf_counter() - start, 1),
     }

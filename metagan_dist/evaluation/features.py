@@ -1,13 +1,16 @@
-"""The feature space of the metrics: a small CNN trained to tell which meta-train task an image is from.
+"""The feature spaces of the metrics: small CNNs trained to tell which meta-train task an image is from.
 
-Nothing is downloaded: the network learns the features that separate this pool's tasks, and its
-penultimate layer (FEATURE_DIM values) feeds recognizability, FID, KID, precision/recall and
-diversity. It is trained once per pool and cached beside it (`load_or_train_feature_net`).
+Nothing is downloaded: a network learns the features that separate this pool's tasks, and its
+penultimate layer (FEATURE_DIM values) is the feature space. Two are trained once per pool and
+cached beside it (`load_or_train_feature_net`), one per question:
 
-It trains on corrupted images too (`corrupt`: pixel noise, salt and pepper, blur, a lifted
-background, thicker or thinner strokes). Without them its features are brittle: on held-out glyph
-tasks, 5% salt noise took real images' recognizability from 0.97 to 0.13 and a 1-pixel blur to 0.64,
-so a recognisable but noisy sample scored like noise, and the metric disagreed with the pictures.
+- "is it the task?" (recognizability): trained on corrupted images too (`corrupt`: pixel noise,
+  salt and pepper, blur, a lifted background, thicker or thinner strokes), so a character drawn
+  with noise is still that character. The clean-trained net is brittle: on held-out glyph tasks,
+  5% salt noise took real images' recognizability from 0.97 to 0.13 and a 1-pixel blur to 0.64,
+  so a recognisable but noisy sample scored like noise and the metric disagreed with the pictures.
+- "how close in distribution?" (KID, FID, precision/recall, diversity): trained on clean images
+  only, like the Inception features of FID, so noise and blur that a person sees count as distance.
 """
 
 from __future__ import annotations
@@ -105,11 +108,13 @@ def train_feature_net(
     *,
     epochs: int = 8,
     seed: int = 0,
+    corruptions: bool = False,
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> FeatureNet:
     """Train the task classifier on uint8 images [N, C, H, W] with task labels [N]; deterministic on CPU.
 
+    corruptions: train on `corrupt`ed images (the recognizability judge) instead of clean ones only.
     10% of the images are held out; their accuracy is stored in `net.heldout_accuracy` and logged.
     """
     _check_training_data(images, labels)
@@ -135,7 +140,8 @@ def train_feature_net(
     for _ in bar:
         net.train()
         for batch in train[torch.randperm(len(train), generator=generator)].split(BATCH_SIZE):
-            loss = F.cross_entropy(net(corrupt(inputs[batch], generator).to(device)), targets[batch].to(device))
+            images_in = corrupt(inputs[batch], generator) if corruptions else inputs[batch]
+            loss = F.cross_entropy(net(images_in.to(device)), targets[batch].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -186,6 +192,7 @@ def load_or_train_feature_net(
     *,
     epochs: int = 8,
     seed: int = 0,
+    corruptions: bool = False,
     device: str | torch.device = "cpu",
     progress: bool = True,
     retrain_on_mismatch: bool = True,
@@ -196,7 +203,7 @@ def load_or_train_feature_net(
     (replaced) or, with retrain_on_mismatch=False, rejected with a ValueError.
     """
     cache_path = Path(cache_path)
-    fingerprint = training_fingerprint(images, labels, epochs=epochs, seed=seed)
+    fingerprint = training_fingerprint(images, labels, epochs=epochs, seed=seed, corruptions=corruptions)
     if cache_path.exists():
         try:
             cached = torch.load(cache_path, map_location="cpu", weights_only=True)
@@ -211,7 +218,8 @@ def load_or_train_feature_net(
         if not retrain_on_mismatch:
             raise ValueError(message + "; delete it or pass retrain_on_mismatch=True")
         log.warning("%s; retraining", message)
-    net = train_feature_net(images, labels, epochs=epochs, seed=seed, device=device, progress=progress)
+    net = train_feature_net(images, labels, epochs=epochs, seed=seed, corruptions=corruptions, device=device,
+                            progress=progress)
     _save_atomically(
         {
             "fingerprint": fingerprint,
@@ -224,10 +232,40 @@ def load_or_train_feature_net(
     return net
 
 
-def training_fingerprint(images: np.ndarray, labels: np.ndarray, *, epochs: int, seed: int) -> str:
+RECOGNITION_FILE = "recognition_net.pt"  # the corruption-trained net: recognizability
+DISTRIBUTION_FILE = "feature_net.pt"  # the clean-trained net: KID, FID, precision/recall, diversity
+
+
+@dataclass
+class FeatureSpaces:
+    """The evaluation's two feature spaces: `recognition` (is it the task?) and `distribution` (how close?)."""
+
+    recognition: FeatureNet
+    distribution: FeatureNet
+
+    def features(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(recognition, distribution) features [N, d] of images [N, C, H, W] in [-1, 1]."""
+        return self.recognition.features(images), self.distribution.features(images)
+
+
+def load_or_train_feature_spaces(
+    folder: Path, images: np.ndarray, labels: np.ndarray, *, epochs: int = 8, seed: int = 0,
+    device: str | torch.device = "cpu", progress: bool = True,
+) -> FeatureSpaces:
+    """Both feature nets of a pool, cached in `folder` (RECOGNITION_FILE, DISTRIBUTION_FILE), trained if needed."""
+    nets = [load_or_train_feature_net(Path(folder) / name, images, labels, epochs=epochs, seed=seed,
+                                      corruptions=corruptions, device=device, progress=progress)
+            for name, corruptions in ((RECOGNITION_FILE, True), (DISTRIBUTION_FILE, False))]
+    return FeatureSpaces(*nets)
+
+
+def training_fingerprint(
+    images: np.ndarray, labels: np.ndarray, *, epochs: int, seed: int, corruptions: bool = False
+) -> str:
     """SHA-256 over the training images, labels and settings (and the cache format): the cache's identity."""
     digest = hashlib.sha256()
-    settings = {"format": CACHE_FORMAT, "epochs": epochs, "seed": seed, "feature_dim": FEATURE_DIM}
+    settings = {"format": CACHE_FORMAT, "epochs": epochs, "seed": seed, "feature_dim": FEATURE_DIM,
+                "corruptions": corruptions}
     for array in (np.asarray(images), np.asarray(labels)):
         digest.update(json.dumps([array.dtype.str, array.shape]).encode())
         digest.update(np.ascontiguousarray(array).tobytes())

@@ -1,12 +1,12 @@
 """The evaluation loop: every method adapts to the same shots with the same noise; samples are scored per task.
 
 For each seed, each task's images are split at random into k shots, an exam set and a reference
-set (the rest). Samples are scored against the reference set in the feature space of the task
-classifier; so are three reference rows, exactly like samples: `real` (the exam images: the
-ceiling), `shots` (the k shots: the copy baseline) and `other-task` (the next task's exam images:
-the level of a wrong task). A task's prototype for recognizability is the mean feature of its
-reference set. The adaptation noise and the sample noise are drawn once per seed and shared by
-all methods.
+set (the rest). Samples are scored against the reference set: recognizability in the recognition
+feature space (a task's prototype is the mean feature of its reference set), the other metrics in
+the distribution feature space (features.py). So are three reference rows, exactly like samples:
+`real` (the exam images: the ceiling), `shots` (the k shots: the copy baseline) and `other-task`
+(the next task's exam images: the level of a wrong task). The adaptation noise and the sample
+noise are drawn once per seed and shared by all methods.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from metagan_dist.data import images_to_tensor
-from metagan_dist.evaluation.features import FeatureNet
+from metagan_dist.evaluation.features import FeatureSpaces
 from metagan_dist.evaluation.metrics import diversity, fid, kid, precision_recall, recognizability
 from metagan_dist.evaluation.rules import Rule, start_adaptation
 from metagan_dist.meta import MetaLearner
@@ -99,7 +99,7 @@ def check_plan(plan: EvalPlan) -> None:
 def evaluate(
     methods: list[Method],
     plan: EvalPlan,
-    feature_net: FeatureNet,
+    spaces: FeatureSpaces,
     device: torch.device,
     grid_step: int,
     grid_tasks: int,
@@ -112,7 +112,7 @@ def evaluate(
     """
     check_plan(plan)
     keys = list(plan.tasks)
-    task_features = [feature_net.features(images_to_tensor(plan.tasks[key]).to(device)) for key in keys]
+    task_features = [spaces.features(images_to_tensor(plan.tasks[key]).to(device)) for key in keys]
     scores = {method.label: Scores() for method in methods}
     references = {name: Scores() for name in REFERENCES}
     z_dim = methods[0].learner.G.module.z_dim
@@ -124,13 +124,13 @@ def evaluate(
         support = support.to(device)
         if seed_index == 0:
             grid_shots = support[:grid_tasks].cpu()
-        exams, refs = [], []
+        shots, exams, refs = [], [], []
         for features, order in zip(task_features, orders):
             exam_end = plan.shots + plan.exam_size(len(order))
-            exams.append(features[order[plan.shots : exam_end]])
-            refs.append(features[order[exam_end:]])
+            for part, rows in ((shots, order[: plan.shots]), (exams, order[plan.shots : exam_end]),
+                               (refs, order[exam_end:])):
+                part.append(tuple(space[rows] for space in features))
         judge = Judge(refs, plan, seed)
-        shots = [features[order[: plan.shots]] for features, order in zip(task_features, orders)]
         references["real"].add(0, judge(exams))
         references["shots"].add(0, judge(shots))
         references["other-task"].add(0, judge(exams[1:] + exams[:1]))
@@ -147,8 +147,8 @@ def evaluate(
                 done = step
                 with torch.no_grad():
                     samples = method.learner.G(adaptation.generator, sample_noise)
-                fake = feature_net.features(samples.flatten(0, 1)).view(len(keys), plan.samples, -1)
-                result.add(step, judge(list(fake)))
+                fake = [f.view(len(keys), plan.samples, -1) for f in spaces.features(samples.flatten(0, 1))]
+                result.add(step, judge(list(zip(*fake))))
                 if seed_index == 0 and step == grid_step:
                     result.grid = samples[:grid_tasks].cpu()
             bar.update()
@@ -156,21 +156,24 @@ def evaluate(
     return scores, references, grid_shots
 
 
+FeaturePair = tuple[Tensor, Tensor]  # one image set's (recognition [M, d], distribution [M, d]) features
+
+
 class Judge:
-    """Scores one feature set per task against the tasks' reference sets: every metric, per task."""
+    """Scores one image set per task against the tasks' reference sets: every metric, per task."""
 
-    def __init__(self, references: list[Tensor], plan: EvalPlan, seed: int):
-        self.references, self.plan, self.seed = references, plan, seed
-        self.prototypes = torch.stack([ref.mean(0) for ref in references])
+    def __init__(self, references: list[FeaturePair], plan: EvalPlan, seed: int):
+        self.references, self.plan, self.seed = [ref for _, ref in references], plan, seed
+        self.prototypes = torch.stack([recognition.mean(0) for recognition, _ in references])
 
-    def __call__(self, sets: list[Tensor]) -> list[dict[str, float]]:
-        """Metrics of sets[i] [M_i, d] as samples of task i. A set with NaN/inf features (a diverged
+    def __call__(self, sets: list[FeaturePair]) -> list[dict[str, float]]:
+        """Metrics of sets[i] as samples of task i. A set with NaN/inf features (a diverged
         adaptation) scores NaN everywhere; a set too small for a metric (k < 4 shots) scores None there."""
-        finite = [bool(torch.isfinite(s).all()) for s in sets]
-        safe = [s if ok else torch.zeros_like(s) for s, ok in zip(sets, finite)]
+        finite = [bool(torch.isfinite(r).all() and torch.isfinite(d).all()) for r, d in sets]
+        safe = [r if ok else torch.zeros_like(r) for (r, _), ok in zip(sets, finite)]
         recognised = recognizability(safe, self.prototypes, self.plan.ways, self.plan.episodes, self.seed)
         scores = []
-        for ref, fake, ok, hit in zip(self.references, sets, finite, recognised):
+        for ref, (_, fake), ok, hit in zip(self.references, sets, finite, recognised):
             if not ok:
                 scores.append({name: math.nan for name in METRICS})
                 continue

@@ -1,0 +1,61 @@
+"""The fit test: each architecture, trained from scratch as a GAN on the 4 shots of a held-out glyph task,
+draws that task (20-way recognizability >= 0.9) within a budget that runs in well under a minute on the CPU.
+
+It proves the nets and the loss can learn one task at all, through the library's own inner loop
+(`Adaptation` with the per-task Adam), so a meta-learning failure cannot hide a model that cannot fit.
+The judge is the evaluation's: the corruption-trained recognition net cached beside the pool
+(trained on the meta-train tasks on first use), prototypes from each task's images other than the shots.
+Slow: about 20 s (mlp) and 40 s (dcgan) on 2 cores, plus the judge's training on a fresh machine.
+"""
+
+import pytest
+import torch
+
+from metagan_dist.config import ModelConfig
+from metagan_dist.data import Pool, ensure_glyphs_pool
+from metagan_dist.evaluation.evaluate import meta_train_images
+from metagan_dist.evaluation.features import RECOGNITION_FILE, load_or_train_feature_net, uint8_to_unit_range
+from metagan_dist.evaluation.metrics import recognizability
+from metagan_dist.inner import InnerAdam
+from metagan_dist.meta import MetaConfig, MetaLearner
+
+pytestmark = pytest.mark.slow
+SHOTS, WAYS, FITTED, SAMPLES = 4, 20, 3, 64
+# A plain GAN recipe (Adam 2e-3, β 0.5/0.999, 16 fakes a step, one D step), not the meta-learning one.
+STEPS, RULE, FAKES = {"mlp": 1000, "dcgan": 500}, InnerAdam(2e-3, (0.5, 0.999)), 16
+
+
+@pytest.fixture(scope="module")
+def glyph_tasks():
+    """The judge, and WAYS held-out tasks' images in [-1, 1] (the first SHOTS of each are its shots)."""
+    pool = Pool(ensure_glyphs_pool())
+    judge = load_or_train_feature_net(pool.path / RECOGNITION_FILE, *meta_train_images(pool), corruptions=True,
+                                      progress=False)
+    tasks = pool.load_tasks("test", pool.keys("test")[:WAYS])
+    return judge, pool.image_shape, [uint8_to_unit_range(images) for images in tasks.values()]
+
+
+@pytest.mark.parametrize("arch", ["mlp", "dcgan"])
+def test_a_gan_from_scratch_learns_the_4_shots_of_one_task(glyph_tasks, arch):
+    judge, image_shape, tasks = glyph_tasks
+    torch.manual_seed(0)
+    learner = MetaLearner(*ModelConfig(arch=arch).build(tuple(image_shape)), MetaConfig(algorithm="reptile"))
+    shots = torch.stack([images[:SHOTS] for images in tasks[:FITTED]])  # FITTED tasks fitted side by side
+    fit = learner.start_adaptation(learner.G.flat_parameters(), learner.D.flat_parameters(), FITTED, (RULE, RULE))
+    noise = torch.Generator().manual_seed(0)
+    z_dim = learner.G.module.z_dim
+
+    def recognised() -> list[float]:
+        """Each fitted task's 20-way recognizability; the other tasks stand in with their own images."""
+        with torch.no_grad():
+            samples = learner.G(fit.generator, torch.randn(FITTED, SAMPLES, z_dim, generator=noise))
+        features = [judge.features(s) for s in samples] + [judge.features(t[SHOTS:]) for t in tasks[FITTED:]]
+        prototypes = torch.stack([judge.features(t[SHOTS:]).mean(0) for t in tasks])
+        return recognizability(features, prototypes, ways=WAYS)[:FITTED]
+
+    before = recognised()
+    fit.advance(shots, torch.randn(STEPS[arch], FITTED, FAKES, z_dim, generator=noise),
+                torch.rand(STEPS[arch], FITTED, FAKES, generator=noise))
+    after = recognised()
+    assert max(before) < 0.5, f"a random {arch} init already draws the tasks: {before}"
+    assert min(after) >= 0.9, f"{arch} fitted to 4 shots for {STEPS[arch]} steps: recognizability {after}"
