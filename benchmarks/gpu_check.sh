@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared check for a GPU machine with torch + triton preinstalled and no network, in under
 # 8 minutes: installs the project (no dependencies), runs the kernel tests on the compiled Triton
-# kernels and every other test marked gpu, the kernel, meta-step and one-GPU scaling benchmarks.
+# kernels and every other test marked gpu, the meta-step benchmark (the per-task loop against the
+# eager, chunked and compiled batched step, as on the CPU), the kernel and one-GPU scaling benchmarks.
 # Logs, JUnit XML and JSON go to the folder given as $1, else $OUT, else .out/gpu_check, and all of
 # them into gpu_check.tar.gz there; summary.txt lists every step with its exit status and time.
 #
@@ -59,20 +60,25 @@ fi
 step install 60 "$py" -m pip install --no-deps --no-build-isolation --no-index -e .
 # Kernel tests: the CUDA ones on the compiled kernels plus the CPU reference checks (gradcheck,
 # fullgraph compile) on this torch version; the interpreter tests skip with TRITON_INTERPRET=0.
-step test_kernels 170 "$py" -m pytest -q -p no:cacheprovider -m "gpu or not slow" \
+step test_kernels 150 "$py" -m pytest -q -p no:cacheprovider -m "gpu or not slow" \
     tests/test_kernels.py tests/test_kernels_meta.py --junitxml="$out/test_kernels.xml"
 # Other GPU tests; test files whose imports need packages missing here (webdataset) are reported.
 # pytest's exit status 5 (no test selected) counts as a pass.
-step test_gpu_others 60 bash -c '"$0" -m pytest -q -p no:cacheprovider -m gpu tests \
+step test_gpu_others 90 bash -c '"$0" -m pytest -q -p no:cacheprovider -m gpu tests \
     --ignore=tests/test_kernels.py --ignore=tests/test_kernels_meta.py \
     --continue-on-collection-errors --junitxml="$1"; rc=$?; ((rc == 5)) && rc=0; exit $rc' \
     "$py" "$out/test_gpu_others.xml"
+# The meta-step: every config, the loop against eager (all T in one chunk) and chunked (16), then the
+# compiled step at T = 64 in one chunk (compiling takes most of its time; reported as compile_s).
+step bench_meta_step 90 "$py" benchmarks/bench_meta_step.py --device "$device" --variants loop eager chunked \
+    --repeats 5 --out "$out/bench_meta_step.json"
+step bench_meta_step_compiled 100 "$py" benchmarks/bench_meta_step.py --device "$device" --configs mlp-T64-k4 \
+    --variants loop compiled --chunk 64 --repeats 5 --out "$out/bench_meta_step_compiled.json"
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
-step bench_kernels 150 "$py" benchmarks/bench_kernels.py --device "$device" \
+step bench_kernels 100 "$py" benchmarks/bench_kernels.py --device "$device" \
     --json "$out/bench_kernels.json" --markdown "$out/bench_kernels.md" ${BENCH_ARGS:-}
-step bench_meta_step 90 "$py" benchmarks/bench_meta_step.py --device "$device" --out "$out/bench_meta_step.json"
 # One GPU: its compute time per meta-step feeds the 8-GPU estimate.
-step bench_scaling 60 "$py" benchmarks/bench_scaling.py --device "$device" --ranks 1 --out "$out/bench_scaling.json"
+step bench_scaling 45 "$py" benchmarks/bench_scaling.py --device "$device" --ranks 1 --out "$out/bench_scaling.json"
 echo "total ${SECONDS}s, status $status" | tee -a "$out/summary.txt"
 # Everything in one archive beside summary.txt: the device tool returns at most 8 files.
 tar -czf "$out/../gpu_check.tar.gz" -C "$out" . && mv "$out/../gpu_check.tar.gz" "$out/"

@@ -260,7 +260,10 @@ def _inner_update_backward_fake(dout, grads, lr, lr_value, scale, sum_tasks, wan
 
 def _update_setup(ctx, inputs, output) -> None:
     theta, grads, lr, lr_value, scale, backend = inputs
-    ctx.save_for_backward(grads, lr, scale)
+    # g enters the backward only through dα and ds: without a learned rate or clipping it is not
+    # kept, so each inner step's [T, P] gradient is freed as soon as the next step has used it.
+    keep_grads = (lr is not None and lr.requires_grad) or scale is not None
+    ctx.save_for_backward(grads if keep_grads else None, lr, scale)
     ctx.theta_shared, ctx.lr_value, ctx.backend = theta.dim() == 1, lr_value, backend
 
 
@@ -268,7 +271,7 @@ def _update_backward(ctx, dout: Tensor):
     grads, lr, scale = ctx.saved_tensors
     need_theta, need_grads, need_lr, _, need_scale, _ = ctx.needs_input_grad
     dtheta_sum, dgrads, dlr, dscale = inner_update_backward_op(
-        dout, grads, lr, ctx.lr_value, scale,
+        dout, dout if grads is None else grads, lr, ctx.lr_value, scale,  # dout: only g's shape is read then
         need_theta and ctx.theta_shared, need_grads, need_lr, need_scale, ctx.backend,
     )
     dtheta = (dtheta_sum if ctx.theta_shared else dout) if need_theta else None

@@ -48,6 +48,7 @@ from metagan_dist.distributed import (  # noqa: E402
 from metagan_dist.engine import (  # noqa: E402
     MetaParameters, agree_and_step, build_engine, fail_step, read_deepspeed_config,
 )
+from metagan_dist.memory import keep_freed_memory  # noqa: E402
 from metagan_dist.monitor import GradientLog, Monitor, logger, setup_logging  # noqa: E402
 from metagan_dist.sampling import adapt_and_generate, save_grid  # noqa: E402
 
@@ -169,6 +170,9 @@ def main(argv: list[str] | None = None) -> None:
     ctx = init_distributed(cfg.run.device)
     setup_logging(ctx.rank)
     torch.set_num_threads(cfg.run.threads or max(1, (os.cpu_count() or 1) // ctx.local_world_size))
+    if ctx.device.type == "cpu" and keep_freed_memory():
+        logger.info("CPU: freed memory stays in this process (glibc malloc, no mmap or trim), so meta-steps do "
+                    "not page-fault their buffers back in")
     out_dir = Path(cfg.run.out_dir)
     tasks_per_rank, steps_per_task = cfg.data.tasks_per_rank, cfg.meta.inner_steps
     store = CheckpointStore(out_dir, cfg.run.keep_checkpoints)

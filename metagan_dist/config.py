@@ -150,6 +150,7 @@ RESUMABLE_CHANGES = (
     "run.steps", "run.log_every", "run.sample_every", "run.sample_shots", "run.sample_steps", "run.checkpoint_every",
     "run.keep_checkpoints", "run.check_every", "run.max_skipped_steps", "run.threads", "run.device",
     "run.out_dir", "data.skip_corrupt", "data.sample_tasks", "data.workers", "engine.bucket_mb",
+    "meta.task_chunk", "meta.compile",  # how the step computes, not what: the same meta-gradient
 )
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:

@@ -30,9 +30,23 @@ class FlatLayout:
         named = list(module.named_parameters())
         return cls([n for n, _ in named], [p.shape for _, p in named])
 
-    def flatten(self, tensors: Iterable[Tensor]) -> Tensor:
-        """Concatenate tensors shaped like the parameters (in order) into one [P] vector."""
-        return torch.cat([t.reshape(-1) for t in tensors])
+    def flatten(self, tensors: Iterable[Tensor | None]) -> Tensor:
+        """Tensors shaped like the parameters (in order), with the same leading dims [*lead] (e.g. [T]),
+        into one new [*lead, P] buffer; None counts as zeros.
+
+        Each tensor is copied once, straight into its slice, whatever its strides (a transposed
+        weight gradient is not made contiguous first and then concatenated). Differentiable to any
+        order: its backward is `unflatten`.
+        """
+        return _Flatten.apply(self, *tensors)
+
+    def unflatten(self, flat: Tensor) -> tuple[Tensor, ...]:
+        """Views [*lead, *shape] of a [*lead, P] buffer, one per parameter, in order; no copy.
+
+        Unlike `split`, the backward writes the gradients into one flat buffer with `flatten`
+        (one copy each) instead of reshaping each and concatenating them. Differentiable to any order.
+        """
+        return _Unflatten.apply(self, flat)
 
     def split(self, flat: Tensor) -> list[Tensor]:
         """Views of a [..., P] buffer shaped [..., *shape], one per parameter, in order."""
@@ -46,6 +60,50 @@ class FlatLayout:
         return dict(zip(self.names, self.split(flat)))
 
 
+class _Flatten(torch.autograd.Function):
+    """FlatLayout.flatten as an autograd function whose backward is _Unflatten (so any order works).
+
+    With setup_context, torch.func.grad can differentiate through it too (a per-task loss built
+    from a BatchedNet call); it has no vmap rule, so it runs outside vmap, on all tasks at once.
+    """
+
+    @staticmethod
+    def forward(layout: FlatLayout, *tensors: Tensor | None) -> Tensor:
+        index, like = next((i, t) for i, t in enumerate(tensors) if t is not None)
+        lead = like.shape[: like.dim() - len(layout.shapes[index])]
+        flat = like.new_empty(*lead, layout.numel)
+        for piece, tensor, shape in zip(flat.split(layout.sizes, dim=-1), tensors, layout.shapes):
+            if tensor is None:
+                piece.zero_()
+            else:
+                piece.view(*lead, *shape).copy_(tensor)
+        return flat
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+        ctx.layout = inputs[0]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        return None, *_Unflatten.apply(ctx.layout, grad)
+
+
+class _Unflatten(torch.autograd.Function):
+    """FlatLayout.unflatten as an autograd function whose backward is _Flatten (so any order works)."""
+
+    @staticmethod
+    def forward(layout: FlatLayout, flat: Tensor) -> tuple[Tensor, ...]:
+        return tuple(layout.split(flat))
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: tuple[Tensor, ...]) -> None:
+        ctx.layout = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, Tensor]:
+        return None, _Flatten.apply(ctx.layout, *grads)
+
+
 def _check_no_running_stats(module: nn.Module, role: str) -> None:
     """Refuse BatchNorm with running statistics: one running mean shared by all task copies
     would leak between tasks and make the adapted networks depend on the order of tasks."""
@@ -57,8 +115,17 @@ def _check_no_running_stats(module: nn.Module, role: str) -> None:
             )
 
 
+def task_dim(flat: Tensor) -> int | None:
+    """vmap's in_dim of a flat buffer: 0 for task copies [T, P], None for one vector [P] shared by all tasks."""
+    return 0 if flat.dim() == 2 else None
+
+
 class BatchedNet:
-    """A module used as a functional template: forward T task copies from a [T, P] buffer."""
+    """A module used as a functional template: forward T task copies from a [T, P] buffer.
+
+    A shared [P] buffer is passed to vmap unbatched, so every task's layer runs as ONE matmul over
+    all tasks' inputs instead of T matmuls against T copies of the same weights.
+    """
 
     def __init__(self, module: nn.Module, role: str = "network"):
         _check_no_running_stats(module, role)
@@ -66,12 +133,15 @@ class BatchedNet:
         self.layout = FlatLayout.of(module)
 
     def __call__(self, flat: Tensor, x: Tensor) -> Tensor:
-        """flat [T, P], x [T, n, ...] -> [T, n, ...]: copy t runs on x[t] with parameters flat[t]."""
+        """flat [T, P] or shared [P], x [T, n, ...] -> [T, n, ...]: task t runs on x[t] with flat[t] (or flat)."""
+        return vmap(self.single, in_dims=(task_dim(flat), 0))(self.layout.unflatten(flat), x)
 
-        def one_task(params: dict[str, Tensor], inputs: Tensor) -> Tensor:
-            return functional_call(self.module, params, (inputs,))
+    def single(self, params: Sequence[Tensor], x: Tensor) -> Tensor:
+        """One task: its parameters (FlatLayout.unflatten of its [P]), inputs x [n, ...] -> [n, ...].
 
-        return vmap(one_task)(self.layout.views(flat), x)
+        This is what vmap maps over tasks and what torch.func.grad differentiates per task.
+        """
+        return functional_call(self.module, dict(zip(self.layout.names, params)), (x,))
 
     def flat_parameters(self) -> Tensor:
         """The module's current parameters as one detached [P] vector."""

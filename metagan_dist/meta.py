@@ -7,30 +7,48 @@ One inner step, for every task copy at once (DESIGN.md):
 
 Both are PARTIAL derivatives. `torch.autograd.grad(L_D, θ_D^i)` would silently return a total
 derivative, because the adapted θ_G^i itself depends on θ_D^i through the G step; so each inner
-gradient is taken with respect to a fresh alias of the player's parameters (`_partial_grad`),
-which the other player's parameters cannot depend on. The meta-gradient is then the exact total
-derivative of the meta-objective through all inner steps.
+gradient is torch.func.grad of ONE task's loss with respect to that player's argument alone
+(`MetaLearner.g_grad`, `d_grad`), mapped over tasks with vmap. Its result stays differentiable in
+everything, so the meta-gradient is the exact total derivative of the meta-objective through all
+inner steps.
+
+Two things keep the step cheap. A parameter vector shared by all tasks (the meta-parameters before
+a player's first inner step) is mapped unbatched: each layer is one matmul over every task's inputs
+and no [T, P] copy of θ exists. And the T tasks go through in chunks (`meta.task_chunk`) whose
+meta-gradients are summed, so memory follows the chunk, not T.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import dataclasses
+import functools
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.func import grad, vmap
 
 from kernels import reptile_delta
+from metagan_dist.compiling import Compiled
 from metagan_dist.episode import EpisodeBatch
-from metagan_dist.flat import BatchedNet
+from metagan_dist.flat import BatchedNet, task_dim
 from metagan_dist.inner import INNER_RULES, InnerAdam, InnerRule, InnerSGD
 from metagan_dist.losses import LOSSES, discriminator_loss, generator_loss, gradient_penalty
-from metagan_dist.options import above, at_least, below_one, check_section, one_of, opt
+from metagan_dist.options import above, any_value, at_least, below_one, check_section, one_of, opt
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd")
 FIRST_ORDER = ("fomaml", "reptile")  # the algorithms that never differentiate through an inner step
 OBJECTIVES = ("seed", "split")
 REDUCTIONS = ("mean", "sum")
+Params = tuple[Tensor, ...]  # one network's parameters, in order (FlatLayout.unflatten of a flat buffer)
+# Tasks per chunk of the meta-step unless meta.task_chunk says otherwise: chosen on the 2-core CPU by
+# benchmarks/bench_meta_step.py (RESULTS.md); on a GPU take the largest chunk that fits in memory.
+DEFAULT_TASK_CHUNK = 16
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,6 +75,12 @@ class MetaConfig:
     inner_beta1: float = opt(0.0, "β1 of the inner Adam (0: no momentum, Reptile's few-shot recipe)", check=below_one())
     inner_beta2: float = opt(0.999, "β2 of the inner Adam", check=below_one())
     d_steps: int = opt(1, "discriminator steps per generator step in every inner step", check=at_least(1))
+    task_chunk: int = opt(DEFAULT_TASK_CHUNK, "tasks adapted at once: the T tasks of a meta-step go through in "
+                                              "chunks of this many and their meta-gradients are summed; peak "
+                                              "memory grows with it, not with T (larger than T: clamped to T)",
+                          check=at_least(1))
+    compile: bool = opt(False, "torch.compile the functional inner loop and query of the meta-step; where it "
+                               "cannot compile, one warning and the eager step", check=any_value())
 
     def __post_init__(self) -> None:
         check_section("meta", self)
@@ -91,34 +115,23 @@ class MetaGradients:
     tasks: int
 
 
-def _task_copies(theta: Tensor, tasks: int) -> Tensor:
-    """[T, P] task copies: a shared [P] vector copied T times, or the copies themselves.
+@contextlib.contextmanager
+def _inner_graph(create_graph: bool) -> Iterator[None]:
+    """Where inner gradients are taken: recorded for the meta-gradient (second order) or not (first order).
 
-    Materialised once per step on purpose: a stride-0 broadcast would be copied again by every
-    batched matmul that reads it (BLAS cannot batch over a zero stride).
+    torch.func.grad computes its gradient either way; under no_grad the result is simply not
+    differentiable in the meta-parameters, which is what FOMAML and Reptile want.
     """
-    return theta.expand(tasks, -1).contiguous() if theta.dim() == 1 else theta
-
-
-def _partial_grad(loss_of: Callable[[Tensor], Tensor], theta: Tensor, create_graph: bool) -> Tensor:
-    """∂loss/∂θ with everything else held fixed, for each task copy of θ [T, P].
-
-    The loss is evaluated at a fresh alias of θ and differentiated w.r.t. that alias only, so
-    paths through other inputs that themselves depend on θ (the trap in DESIGN.md) do not count.
-    With create_graph the result stays differentiable in θ and everything else, for second order.
-    """
-    alias = theta.view_as(theta) if theta.requires_grad else theta.detach().requires_grad_()
-    with torch.enable_grad():
-        (grad,) = torch.autograd.grad(loss_of(alias).sum(), alias, create_graph=create_graph)
-    return grad
+    with contextlib.nullcontext() if create_graph else torch.no_grad():
+        yield
 
 
 class Adaptation:
     """T task copies of (θ_G, θ_D) and their inner-rule states, advanced one inner step at a time.
 
     One inner step (DESIGN.md): a G step, then `d_steps` D steps against the adapted G, each on the
-    player's PARTIAL derivative (`_partial_grad`). Meta-training, the sample grids and the adapt and
-    evaluate tools all adapt through this one loop.
+    player's PARTIAL derivative (`MetaLearner.g_grad`, `d_grad`). Meta-training, the sample grids
+    and the adapt and evaluate tools all adapt through this one loop.
     """
 
     def __init__(
@@ -127,7 +140,8 @@ class Adaptation:
     ):
         self.learner, self.tasks, self.create_graph = learner, tasks, create_graph
         self.rule_g, self.rule_d = rules
-        self._theta_g, self._theta_d = theta_g, theta_d  # shared [P] until the first step
+        # Shared [P] until the player's first step: never copied T times (BatchedNet maps it unbatched).
+        self._theta_g, self._theta_d = theta_g, theta_d
         self.state_g, self.state_d = self.rule_g.start(theta_g, tasks), self.rule_d.start(theta_d, tasks)
 
     @property
@@ -142,42 +156,86 @@ class Adaptation:
 
     def advance(self, support: Tensor, noise: Tensor, mix: Tensor) -> None:
         """len(noise) more inner steps on support [T, k, C, H, W]; noise [S, T, n, z], mix [S, T, n]."""
-        learner, tasks, create_graph = self.learner, self.tasks, self.create_graph
+        learner = self.learner
         for z, m in zip(noise, mix):
-            d_copies = _task_copies(self._theta_d, tasks)
-            grad_g = _partial_grad(lambda a: learner.g_loss(a, d_copies, z), _task_copies(self._theta_g, tasks),
-                                   create_graph)
+            with _inner_graph(self.create_graph):
+                grad_g = learner.g_grad(self._theta_g, self._theta_d, z)
             self._theta_g = self.rule_g.step(self._theta_g, grad_g, self.state_g)
-            fake = learner.G(self._theta_g, z)
+            with _inner_graph(self.create_graph):
+                fake = learner.G(self._theta_g, z)
             for _ in range(learner.config.d_steps):
-                grad_d = _partial_grad(lambda a: learner.d_loss(a, support, fake, m), d_copies, create_graph)
-                self._theta_d = d_copies = self.rule_d.step(self._theta_d, grad_d, self.state_d)
+                with _inner_graph(self.create_graph):
+                    grad_d = learner.d_grad(self._theta_d, support, fake, m)
+                self._theta_d = self.rule_d.step(self._theta_d, grad_d, self.state_d)
 
 
 class MetaLearner:
-    """Adapts T task copies of a (G, D) pair at once and differentiates the meta-objective."""
+    """Adapts T task copies of a (G, D) pair at once and differentiates the meta-objective.
+
+    The losses are written for ONE task (`task_*`) and mapped over tasks with vmap; inner gradients
+    are torch.func.grad of those per-task losses with respect to one player's flat parameters, so
+    they are partial derivatives by construction and stay differentiable in everything else.
+    """
 
     def __init__(self, generator: nn.Module, discriminator: nn.Module, config: MetaConfig):
         self.G = BatchedNet(generator, "generator")
         self.D = BatchedNet(discriminator, "discriminator")
         self.config = config
 
-    def g_loss(self, theta_g: Tensor, theta_d: Tensor, noise: Tensor) -> Tensor:
-        """L_G per task [T] of the inner loop: task copies [T, P], noise [T, n, z]."""
-        return generator_loss(self.config.loss, self.D(theta_d, self.G(theta_g, noise)))
+    # ---- one task: parameters as FlatLayout.unflatten gives them, images [n, C, H, W], noise [n, z], mix [n] ----
 
-    def d_loss(
-        self, theta_d: Tensor, real: Tensor, fake: Tensor, mix: Tensor, fake_logits: Tensor | None = None
+    def task_g_loss(self, params_g: Params, params_d: Params, noise: Tensor) -> Tensor:
+        """L_G of one task in the inner loop."""
+        return generator_loss(self.config.loss, self.D.single(params_d, self.G.single(params_g, noise)))
+
+    def task_d_loss(
+        self, params_d: Params, real: Tensor, fake: Tensor, mix: Tensor | None, fake_logits: Tensor | None = None
     ) -> Tensor:
-        """L_D per task [T], with wgan-gp's penalty (mix: its interpolation weights).
+        """L_D of one task, with wgan-gp's penalty (mix: its interpolation weights).
 
         fake_logits: D's logits on `fake` when the caller already has them (the query uses them for L_G too).
         """
-        fake_logits = self.D(theta_d, fake) if fake_logits is None else fake_logits
-        loss = discriminator_loss(self.config.loss, self.D(theta_d, real), fake_logits)
+        fake_logits = self.D.single(params_d, fake) if fake_logits is None else fake_logits
+        loss = discriminator_loss(self.config.loss, self.D.single(params_d, real), fake_logits)
         if self.config.loss == "wgan-gp":
-            loss = loss + self.config.gp_weight * gradient_penalty(lambda x: self.D(theta_d, x), real, fake, mix)
+            penalty = gradient_penalty(lambda x: self.D.single(params_d, x), real, fake, mix)
+            loss = loss + self.config.gp_weight * penalty
         return loss
+
+    def task_query_losses(
+        self, params_g: Params, params_d: Params, query: Tensor, noise: Tensor, mix: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """(L_G, L_D) of one task on its query set."""
+        fake = self.G.single(params_g, noise)
+        fake_logits = self.D.single(params_d, fake)
+        return generator_loss(self.config.loss, fake_logits), self.task_d_loss(params_d, query, fake, mix, fake_logits)
+
+    # ---- T tasks: flat parameters shared [P] or per task [T, P], everything else [T, ...] ----
+
+    def _mix(self, mix: Tensor) -> tuple[Tensor | None, int | None]:
+        """wgan-gp's interpolation weights and their vmap in_dim; the other losses take none."""
+        return (mix, 0) if self.config.loss == "wgan-gp" else (None, None)
+
+    def g_grad(self, theta_g: Tensor, theta_d: Tensor, noise: Tensor) -> Tensor:
+        """∂L_G/∂θ_G of every task [T, P_G], θ_D held fixed."""
+        params = self.G.layout.unflatten(theta_g), self.D.layout.unflatten(theta_d)
+        in_dims = (task_dim(theta_g), task_dim(theta_d), 0)
+        return self.G.layout.flatten(vmap(grad(self.task_g_loss), in_dims=in_dims)(*params, noise))
+
+    def d_grad(self, theta_d: Tensor, real: Tensor, fake: Tensor, mix: Tensor) -> Tensor:
+        """∂L_D/∂θ_D of every task [T, P_D], the fakes (and the G they came from) held fixed."""
+        mix, mix_dim = self._mix(mix)
+        grads = vmap(grad(self.task_d_loss), in_dims=(task_dim(theta_d), 0, 0, mix_dim))(
+            self.D.layout.unflatten(theta_d), real, fake, mix
+        )
+        return self.D.layout.flatten(grads)
+
+    def query_losses(self, theta_g: Tensor, theta_d: Tensor, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
+        """L_G and L_D per task [T] on the query set, at (adapted) parameters [T, P] (or shared [P])."""
+        mix, mix_dim = self._mix(batch.query_mix)
+        params = self.G.layout.unflatten(theta_g), self.D.layout.unflatten(theta_d)
+        in_dims = (task_dim(theta_g), task_dim(theta_d), 0, 0, mix_dim)
+        return vmap(self.task_query_losses, in_dims=in_dims)(*params, batch.query, batch.query_noise, mix)
 
     def inner_rules(self, inner_lrs: tuple[Tensor, Tensor] | None = None) -> tuple[InnerRule, InnerRule]:
         """The meta-learned inner rule of (G, D): the config's SGD or Adam, or SGD at Meta-SGD's rates `inner_lrs`."""
@@ -218,12 +276,23 @@ class MetaLearner:
         adaptation.advance(support, noise, mix)
         return adaptation.generator, adaptation.discriminator
 
-    def query_losses(self, theta_g: Tensor, theta_d: Tensor, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
-        """L_G and L_D per task [T] on the query set, at (adapted) parameters [T, P]."""
-        fake = self.G(theta_g, batch.query_noise)
-        fake_logits = self.D(theta_d, fake)
-        loss_g = generator_loss(self.config.loss, fake_logits)
-        return loss_g, self.d_loss(theta_d, batch.query, fake, batch.query_mix, fake_logits)
+    def forward_step(
+        self, theta_g: Tensor, theta_d: Tensor, rates: tuple[Tensor, Tensor] | None, batch: EpisodeBatch
+    ) -> tuple[Tensor, ...]:
+        """The functional part of a meta-step: the inner loop, then the query (what meta.compile compiles).
+
+        Reptile: (Σ_t θ_G − θ_G^t, Σ_t θ_D − θ_D^t, Σ_t L_G, Σ_t L_D), with no graph. Otherwise the
+        query (L_G, L_D) per task [T], differentiable in θ_G, θ_D (and Meta-SGD's `rates`).
+        """
+        cfg = self.config
+        rules = self.inner_rules(rates if cfg.algorithm == "metasgd" else None)
+        adapted_g, adapted_d = self.adapt(theta_g, theta_d, batch.support, batch.inner_noise, batch.inner_mix, rules,
+                                          create_graph=cfg.algorithm not in FIRST_ORDER)
+        loss_g, loss_d = self.query_losses(adapted_g, adapted_d, batch)
+        if cfg.algorithm != "reptile":
+            return loss_g, loss_d
+        tasks = batch.tasks
+        return tasks * reptile_delta(theta_g, adapted_g), tasks * reptile_delta(theta_d, adapted_d), loss_g.sum(), loss_d.sum()
 
     def meta_gradient(
         self, theta_g: Tensor, theta_d: Tensor, batch: EpisodeBatch, inner_lrs: tuple[Tensor, Tensor] | None = None
@@ -231,26 +300,29 @@ class MetaLearner:
         """Sums over tasks of the meta-gradients [g_G, g_D (, g_lrG, g_lrD)], and of L_G, L_D.
 
         theta_g [P_G] and theta_d [P_D] (and Meta-SGD's inner_lrs) must be leaves requiring grad.
+        With meta.compile, forward_step runs compiled; if compiling (or running the compiled code,
+        backward included) fails, the step is redone eagerly and compiling is not tried again.
         """
+        if self.config.compile and (compiled := COMPILED_FORWARD_STEP.get()) is not None:
+            try:
+                return self._meta_gradient(compiled, theta_g, theta_d, batch, inner_lrs)
+            except Exception as err:  # noqa: BLE001  any failure of the compiler: fall back, never fail the run
+                COMPILED_FORWARD_STEP.failed(err)
+        return self._meta_gradient(MetaLearner.forward_step, theta_g, theta_d, batch, inner_lrs)
+
+    def _meta_gradient(
+        self, forward: Callable[..., tuple[Tensor, ...]], theta_g: Tensor, theta_d: Tensor, batch: EpisodeBatch,
+        inner_lrs: tuple[Tensor, Tensor] | None,
+    ) -> tuple[list[Tensor], Tensor, Tensor]:
         cfg = self.config
         if cfg.algorithm == "reptile":
             with torch.no_grad():
-                adapted_g, adapted_d = self.adapt(
-                    theta_g.detach(), theta_d.detach(), batch.support, batch.inner_noise, batch.inner_mix
-                )
-                loss_g, loss_d = self.query_losses(adapted_g, adapted_d, batch)
-                tasks = batch.tasks
-                grads = [tasks * reptile_delta(theta_g, adapted_g), tasks * reptile_delta(theta_d, adapted_d)]
-            return grads, loss_g.sum(), loss_d.sum()
-
+                delta_g, delta_d, loss_g, loss_d = forward(self, theta_g.detach(), theta_d.detach(), None, batch)
+            return [delta_g, delta_d], loss_g, loss_d
         rates = inner_lrs if cfg.algorithm == "metasgd" else None
-        adapted_g, adapted_d = self.adapt(
-            theta_g, theta_d, batch.support, batch.inner_noise, batch.inner_mix, self.inner_rules(rates),
-            create_graph=cfg.algorithm != "fomaml",
-        )
-        loss_g, loss_d = self.query_losses(adapted_g, adapted_d, batch)
+        loss_g, loss_d = forward(self, theta_g, theta_d, rates, batch)
         g_inputs, d_inputs = [theta_g], [theta_d]
-        if cfg.algorithm == "metasgd":
+        if rates is not None:
             g_inputs.append(rates[0])
             d_inputs.append(rates[1])
         if cfg.objective == "seed":
@@ -260,9 +332,27 @@ class MetaLearner:
             grads = grads_g + torch.autograd.grad(loss_d.sum(), d_inputs)
         # Order: [g_G, g_D, g_lrG, g_lrD], the layout of MetaGradients.flat.
         ordered = [grads[0], grads[len(g_inputs)]] + (
-            [grads[1], grads[len(g_inputs) + 1]] if cfg.algorithm == "metasgd" else []
+            [grads[1], grads[len(g_inputs) + 1]] if rates is not None else []
         )
         return ordered, loss_g.detach().sum(), loss_d.detach().sum()
+
+
+COMPILED_FORWARD_STEP = Compiled(MetaLearner.forward_step, "the meta-step's inner loop and query")
+
+
+@functools.cache
+def _log_clamped_chunk(chunk: int, tasks: int) -> None:
+    """Say once per (chunk, T) that the chunk was cut to T (a training run would repeat it every step)."""
+    logger.info("meta.task_chunk=%d is larger than the batch's T=%d tasks: all %d go through in one chunk",
+                chunk, tasks, tasks)
+
+
+def _chunk_size(chunk: int, tasks: int) -> int:
+    """meta.task_chunk clamped to T (and logged when it is)."""
+    if chunk > tasks:
+        _log_clamped_chunk(chunk, tasks)
+        return tasks
+    return chunk
 
 
 def _check_batch(generator: nn.Module, batch: EpisodeBatch, config: MetaConfig) -> None:
@@ -315,16 +405,20 @@ def meta_gradients(
     params: tuple[Tensor, Tensor] | None = None,
     inner_lrs: tuple[Tensor, Tensor] | None = None,
     reduction: str = "mean",
+    task_chunk: int | None = None,
 ) -> MetaGradients:
     """Meta-gradients of every parameter of G and D for one episode batch; steps no optimizer.
 
     generator, discriminator: any nn.Modules (G: noise [n, z] -> images [n, C, H, W]; D: images -> logits [n]).
-    batch:     T episodes with their noise (EpisodeBatch.sample builds one from support/query images).
-    config:    algorithm, objective, loss, inner steps and rate (default MetaConfig(): second-order MAML).
-    params:    flat meta-parameters (θ_G [P_G], θ_D [P_D]) to use instead of the modules' own;
-               the modules then serve only as architecture templates (the training loop's case).
-    inner_lrs: Meta-SGD's per-parameter inner rates, flat ([P_G], [P_D]); default: all inner_lr.
-    reduction: "mean" over the batch's tasks, or "sum" (to all-reduce, then divide by the global count).
+    batch:      T episodes with their noise (EpisodeBatch.sample builds one from support/query images).
+    config:     algorithm, objective, loss, inner steps and rate (default MetaConfig(): second-order MAML).
+    params:     flat meta-parameters (θ_G [P_G], θ_D [P_D]) to use instead of the modules' own;
+                the modules then serve only as architecture templates (the training loop's case).
+    inner_lrs:  Meta-SGD's per-parameter inner rates, flat ([P_G], [P_D]); default: all inner_lr.
+    reduction:  "mean" over the batch's tasks, or "sum" (to all-reduce, then divide by the global count).
+    task_chunk: tasks adapted at once (default: config.task_chunk); the batch goes through in chunks
+                of this many and their meta-gradients are summed, so peak memory follows the chunk,
+                not T. The result is the same for every chunk size (up to float rounding).
 
     Example::
 
@@ -335,6 +429,8 @@ def meta_gradients(
             p.grad = g
     """
     config = config or MetaConfig()
+    if task_chunk is not None:  # checked like the config key it overrides: an error names meta.task_chunk
+        config = dataclasses.replace(config, task_chunk=task_chunk)
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
     _check_batch(generator, batch, config)
@@ -347,11 +443,20 @@ def meta_gradients(
         if inner_lrs is None:
             inner_lrs = (torch.full_like(theta_g, config.inner_lr), torch.full_like(theta_d, config.inner_lr))
         lrs = tuple(lr.detach().requires_grad_() for lr in inner_lrs)
-    grads, loss_g, loss_d = learner.meta_gradient(theta_g, theta_d, batch, lrs)
-    scale = 1.0 / batch.tasks if reduction == "mean" else 1.0
-    flat = torch.cat(grads) * scale
-    sizes = [g.numel() for g in grads]
+    # The chunks' sums go straight into slices of one flat buffer: [g_G, g_D (, g_lrG, g_lrD)].
+    sizes = [theta_g.numel(), theta_d.numel()] + ([lr.numel() for lr in lrs] if lrs else [])
+    flat = theta_g.new_zeros(sum(sizes))
     pieces = flat.split(sizes)
+    loss_g = loss_d = theta_g.new_zeros(())
+    chunk = _chunk_size(config.task_chunk, batch.tasks)
+    for start in range(0, batch.tasks, chunk):
+        grads, chunk_g, chunk_d = learner.meta_gradient(theta_g, theta_d, batch.task_slice(start, start + chunk), lrs)
+        for piece, g in zip(pieces, grads):
+            piece.add_(g)
+        loss_g, loss_d = loss_g + chunk_g, loss_d + chunk_d
+        del grads  # the chunk's graph is gone before the next chunk builds its own
+    scale = 1.0 / batch.tasks if reduction == "mean" else 1.0
+    flat.mul_(scale)
     return MetaGradients(
         flat=flat,
         generator=learner.G.layout.split(pieces[0]),
