@@ -46,7 +46,7 @@ def start(args: list[str], ranks: int, out: Path, timeout: float = 900) -> str:
 
 
 def test_every_config_names_its_rank_count():
-    assert [launch_ranks(c) for c in CONFIGS] == [2, 1, 8, 8, 8]  # cpu_2rank, cpu_quickstart, deepspeed, gpu_*
+    assert [launch_ranks(c) for c in CONFIGS] == [2, 1, 1, 8, 8, 8]  # cpu_2rank, cpu_long, cpu_quickstart, deepspeed, gpu_*
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
