@@ -21,6 +21,7 @@ for _signal in (signal.SIGTERM, signal.SIGUSR1):
     signal.signal(_signal, lambda signum, frame: EARLY_SIGNALS.append(signum))
 
 import argparse  # noqa: E402
+import logging  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import sys  # noqa: E402
@@ -348,6 +349,14 @@ def run(argv: list[str] | None = None) -> int:
     """main() with bad input and agreed errors as one line on stderr; returns the exit status."""
     try:
         main(argv)
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            # Done and the process group destroyed: leave without the interpreter's teardown, where a
+            # rank once died of "terminate called without an active exception" (SIGABRT, a C++ thread
+            # destroyed unjoined) after a complete run, and torchrun then failed the whole job.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         return 0
     except AgreedError as err:  # every rank raises it alike: one clear line each, the same exit status
         failure = (str(err), err.exit_code)
