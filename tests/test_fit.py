@@ -55,13 +55,14 @@ def test_a_gan_from_scratch_learns_the_4_shots_of_one_task(glyph_tasks, arch, on
     fit = learner.start_adaptation(learner.G.flat_parameters(), learner.D.flat_parameters(), FITTED, (RULE, RULE))
     noise = torch.Generator().manual_seed(0)
     z_dim = learner.G.module.z_dim
+    real = [judge.features(images[SHOTS:]) for images in tasks]  # every task's images but its shots
+    prototypes = torch.stack([features.mean(0) for features in real])
 
     def recognised() -> list[float]:
         """Each fitted task's 20-way recognizability; the other tasks stand in with their own images."""
         with torch.no_grad():
             samples = learner.G(fit.generator, torch.randn(FITTED, SAMPLES, z_dim, generator=noise))
-        features = [judge.features(s) for s in samples] + [judge.features(t[SHOTS:]) for t in tasks[FITTED:]]
-        prototypes = torch.stack([judge.features(t[SHOTS:]).mean(0) for t in tasks])
+        features = [judge.features(s) for s in samples] + real[FITTED:]
         return recognizability(features, prototypes, ways=WAYS)[:FITTED]
 
     before = recognised()

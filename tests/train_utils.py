@@ -108,7 +108,10 @@ def finish(process: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
         output, _ = process.communicate(timeout=60)
         raise AssertionError(f"timed out after {timeout} s; output:\n{output[-4000:]}")
     finally:
-        kill_tree(process.pid)  # workers a failed agent left behind
+        try:  # anything left in the agent's process group
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     return process.returncode, output
 
 
