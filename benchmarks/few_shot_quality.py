@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -103,7 +104,7 @@ def measured(report: dict) -> dict[str, tuple[float, float]]:
 
     def margin(name: str) -> tuple[float, float]:
         other = rows[head["vs"][name]["baseline"]]["steps"][str(STEPS)]["recognizability"]
-        return head["vs"][name]["difference"], (at_s["recognizability"]["std"] ** 2 + other["std"] ** 2) ** 0.5
+        return head["vs"][name]["difference"], math.hypot(at_s["recognizability"]["std"], other["std"])
 
     quick = rows["quickstart (meta)"]["steps"][str(STEPS)]["recognizability"]
     return {
@@ -111,7 +112,7 @@ def measured(report: dict) -> dict[str, tuple[float, float]]:
         "margin_scratch": margin("scratch"),
         "margin_pretrain": margin("pretrain-finetune"),
         "adaptation": (at_s["recognizability"]["mean"] - at_0["recognizability"]["mean"],
-                       (at_s["recognizability"]["std"] ** 2 + at_0["recognizability"]["std"] ** 2) ** 0.5),
+                       math.hypot(at_s["recognizability"]["std"], at_0["recognizability"]["std"])),
         "precision": stat(at_s["precision"]),
         "recall": stat(at_s["recall"]),
         "quickstart": stat(quick),

@@ -345,18 +345,23 @@ def stopped_during_set_up(signal_and_rank: str, ctx: DistContext, store: Checkpo
     shutdown()
 
 
+def leave_now(status: int) -> None:
+    """End this rank with `status` at once, without the interpreter's teardown (logs and output flushed first)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def run(argv: list[str] | None = None) -> int:
     """main() with bad input and agreed errors as one line on stderr; returns the exit status."""
     try:
         main(argv)
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-            # Done and the process group destroyed: leave without the interpreter's teardown, where a
-            # rank once died of "terminate called without an active exception" (SIGABRT, a C++ thread
-            # destroyed unjoined) after a complete run, and torchrun then failed the whole job.
-            logging.shutdown()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
+            # Done and the process group destroyed: in the teardown, a rank once died of "terminate called
+            # without an active exception" (SIGABRT, a C++ thread destroyed unjoined) after a complete run,
+            # and torchrun then failed the whole job.
+            leave_now(0)
         return 0
     except AgreedError as err:  # every rank raises it alike: one clear line each, the same exit status
         failure = (str(err), err.exit_code)
@@ -370,8 +375,7 @@ def run(argv: list[str] | None = None) -> int:
         # Every rank got here together. Leave at once: torchrun terminates the other ranks as soon as it
         # sees one exit, and a rank still in interpreter shutdown (default signal handlers by then)
         # would die of that SIGTERM instead of exiting with this status.
-        sys.stdout.flush()
-        os._exit(failure[1])
+        leave_now(failure[1])
     return failure[1]
 
 
