@@ -37,6 +37,9 @@ class ModelConfig:
                               "dcgan: group)", check=one_of(("auto", *NORMS)))
     d_norm: str = opt("auto", "discriminator normalisation, per sample: none | layer | group | auto (none)",
                       check=one_of(("auto", *NORMS)))
+    support_dim: int = opt(0, "support-conditioned generator: G also sees the mean of an encoding of its task's "
+                              "shots, this many features (encoder: D's architecture, meta-learned and adapted with G); "
+                              "0 = G sees only noise", check=at_least(0, " (0 = a generator that sees only noise)"))
 
     def __post_init__(self) -> None:
         check_section("model", self)
@@ -45,7 +48,7 @@ class ModelConfig:
         """The (generator, discriminator) pair this config describes, for images of `image_shape`."""
         chosen = (self.g_norm, self.d_norm)
         norms = tuple(default if norm == "auto" else norm for norm, default in zip(chosen, DEFAULT_NORMS[self.arch]))
-        return build_pair(self.arch, self.z_dim, image_shape, self.width or None, norms)
+        return build_pair(self.arch, self.z_dim, image_shape, self.width or None, norms, self.support_dim)
 
 
 @dataclass

@@ -132,16 +132,18 @@ class BatchedNet:
         self.module = module
         self.layout = FlatLayout.of(module)
 
-    def __call__(self, flat: Tensor, x: Tensor) -> Tensor:
-        """flat [T, P] or shared [P], x [T, n, ...] -> [T, n, ...]: task t runs on x[t] with flat[t] (or flat)."""
-        return vmap(self.single, in_dims=(task_dim(flat), 0))(self.layout.unflatten(flat), x)
+    def __call__(self, flat: Tensor, *inputs: Tensor) -> Tensor:
+        """flat [T, P] or shared [P], inputs [T, ...] each -> [T, n, ...]: task t runs on its inputs with flat[t]
+        (or flat)."""
+        in_dims = (task_dim(flat),) + (0,) * len(inputs)
+        return vmap(self.single, in_dims=in_dims)(self.layout.unflatten(flat), *inputs)
 
-    def single(self, params: Sequence[Tensor], x: Tensor) -> Tensor:
-        """One task: its parameters (FlatLayout.unflatten of its [P]), inputs x [n, ...] -> [n, ...].
+    def single(self, params: Sequence[Tensor], *inputs: Tensor) -> Tensor:
+        """One task: its parameters (FlatLayout.unflatten of its [P]), inputs (e.g. x [n, ...]) -> [n, ...].
 
         This is what vmap maps over tasks and what torch.func.grad differentiates per task.
         """
-        return functional_call(self.module, dict(zip(self.layout.names, params)), (x,))
+        return functional_call(self.module, dict(zip(self.layout.names, params)), inputs)
 
     def flat_parameters(self) -> Tensor:
         """The module's current parameters as one detached [P] vector."""

@@ -159,10 +159,10 @@ class Adaptation:
         learner = self.learner
         for z, m in zip(noise, mix):
             with _inner_graph(self.create_graph):
-                grad_g = learner.g_grad(self._theta_g, self._theta_d, z)
+                grad_g = learner.g_grad(self._theta_g, self._theta_d, z, support)
             self._theta_g = self.rule_g.step(self._theta_g, grad_g, self.state_g)
             with _inner_graph(self.create_graph):
-                fake = learner.G(self._theta_g, z)
+                fake = learner.generate(self._theta_g, z, support)
             for _ in range(learner.config.d_steps):
                 with _inner_graph(self.create_graph):
                     grad_d = learner.d_grad(self._theta_d, support, fake, m)
@@ -175,18 +175,24 @@ class MetaLearner:
     The losses are written for ONE task (`task_*`) and mapped over tasks with vmap; inner gradients
     are torch.func.grad of those per-task losses with respect to one player's flat parameters, so
     they are partial derivatives by construction and stay differentiable in everything else.
+    A support-conditioned generator (`conditioned = True`) also gets its task's support set.
     """
 
     def __init__(self, generator: nn.Module, discriminator: nn.Module, config: MetaConfig):
         self.G = BatchedNet(generator, "generator")
         self.D = BatchedNet(discriminator, "discriminator")
         self.config = config
+        self.conditioned = bool(getattr(generator, "conditioned", False))
 
     # ---- one task: parameters as FlatLayout.unflatten gives them, images [n, C, H, W], noise [n, z], mix [n] ----
 
-    def task_g_loss(self, params_g: Params, params_d: Params, noise: Tensor) -> Tensor:
+    def task_generate(self, params_g: Params, noise: Tensor, support: Tensor) -> Tensor:
+        """One task's fakes [n, C, H, W] from noise [n, z] (a conditioned G also sees the support [k, C, H, W])."""
+        return self.G.single(params_g, noise, support) if self.conditioned else self.G.single(params_g, noise)
+
+    def task_g_loss(self, params_g: Params, params_d: Params, noise: Tensor, support: Tensor) -> Tensor:
         """L_G of one task in the inner loop."""
-        return generator_loss(self.config.loss, self.D.single(params_d, self.G.single(params_g, noise)))
+        return generator_loss(self.config.loss, self.D.single(params_d, self.task_generate(params_g, noise, support)))
 
     def task_d_loss(
         self, params_d: Params, real: Tensor, fake: Tensor, mix: Tensor | None, fake_logits: Tensor | None = None
@@ -203,10 +209,10 @@ class MetaLearner:
         return loss
 
     def task_query_losses(
-        self, params_g: Params, params_d: Params, query: Tensor, noise: Tensor, mix: Tensor | None
+        self, params_g: Params, params_d: Params, support: Tensor, query: Tensor, noise: Tensor, mix: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        """(L_G, L_D) of one task on its query set."""
-        fake = self.G.single(params_g, noise)
+        """(L_G, L_D) of one task on its query set (a conditioned G still sees the support, never the query)."""
+        fake = self.task_generate(params_g, noise, support)
         fake_logits = self.D.single(params_d, fake)
         return generator_loss(self.config.loss, fake_logits), self.task_d_loss(params_d, query, fake, mix, fake_logits)
 
@@ -216,11 +222,16 @@ class MetaLearner:
         """wgan-gp's interpolation weights and their vmap in_dim; the other losses take none."""
         return (mix, 0) if self.config.loss == "wgan-gp" else (None, None)
 
-    def g_grad(self, theta_g: Tensor, theta_d: Tensor, noise: Tensor) -> Tensor:
+    def generate(self, theta_g: Tensor, noise: Tensor, support: Tensor) -> Tensor:
+        """Fakes of every task [T, n, C, H, W] from θ_G ([T, P_G] or shared [P_G]), noise [T, n, z], support [T, k, ...]."""
+        return vmap(self.task_generate, in_dims=(task_dim(theta_g), 0, 0))(self.G.layout.unflatten(theta_g), noise,
+                                                                            support)
+
+    def g_grad(self, theta_g: Tensor, theta_d: Tensor, noise: Tensor, support: Tensor) -> Tensor:
         """∂L_G/∂θ_G of every task [T, P_G], θ_D held fixed."""
         params = self.G.layout.unflatten(theta_g), self.D.layout.unflatten(theta_d)
-        in_dims = (task_dim(theta_g), task_dim(theta_d), 0)
-        return self.G.layout.flatten(vmap(grad(self.task_g_loss), in_dims=in_dims)(*params, noise))
+        in_dims = (task_dim(theta_g), task_dim(theta_d), 0, 0)
+        return self.G.layout.flatten(vmap(grad(self.task_g_loss), in_dims=in_dims)(*params, noise, support))
 
     def d_grad(self, theta_d: Tensor, real: Tensor, fake: Tensor, mix: Tensor) -> Tensor:
         """∂L_D/∂θ_D of every task [T, P_D], the fakes (and the G they came from) held fixed."""
@@ -234,8 +245,9 @@ class MetaLearner:
         """L_G and L_D per task [T] on the query set, at (adapted) parameters [T, P] (or shared [P])."""
         mix, mix_dim = self._mix(batch.query_mix)
         params = self.G.layout.unflatten(theta_g), self.D.layout.unflatten(theta_d)
-        in_dims = (task_dim(theta_g), task_dim(theta_d), 0, 0, mix_dim)
-        return vmap(self.task_query_losses, in_dims=in_dims)(*params, batch.query, batch.query_noise, mix)
+        in_dims = (task_dim(theta_g), task_dim(theta_d), 0, 0, 0, mix_dim)
+        return vmap(self.task_query_losses, in_dims=in_dims)(*params, batch.support, batch.query, batch.query_noise,
+                                                             mix)
 
     def inner_rules(self, inner_lrs: tuple[Tensor, Tensor] | None = None) -> tuple[InnerRule, InnerRule]:
         """The meta-learned inner rule of (G, D): the config's SGD or Adam, or SGD at Meta-SGD's rates `inner_lrs`."""

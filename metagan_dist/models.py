@@ -2,14 +2,17 @@
 
 Every generator maps noise [n, z_dim] to images [n, C, H, W] in [-1, 1]; every discriminator maps
 images to logits [n]. Both carry `z_dim` and `image_shape` so data can be checked against them.
+A generator with `conditioned = True` also takes its task's support set: forward(z, shots [k, C, H, W]).
 No BatchNorm with running statistics anywhere: a running mean shared by all task copies would mix
 tasks and make adaptation depend on task order (see flat._check_no_running_stats).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
+import torch
 from torch import Tensor, nn
 
 ARCHITECTURES = ("mlp", "dcgan")
@@ -45,14 +48,17 @@ class MLPGenerator(nn.Module):
 
 
 class MLPDiscriminator(nn.Module):
-    """The seed's discriminator without its final Sigmoid: C*H*W -> hidden (LeakyReLU 0.01) -> logit."""
+    """The seed's discriminator without its final Sigmoid: C*H*W -> hidden (LeakyReLU 0.01) -> logit.
 
-    def __init__(self, image_shape: tuple[int, int, int], hidden: int = 128, norm: str = "none"):
+    outputs > 1 makes it an image encoder ([n, outputs] features): the support encoder uses that.
+    """
+
+    def __init__(self, image_shape: tuple[int, int, int], hidden: int = 128, norm: str = "none", outputs: int = 1):
         super().__init__()
         self.image_shape = tuple(image_shape)
         self.net = nn.Sequential(
             nn.Flatten(), nn.Linear(math.prod(image_shape), hidden), *norm_layers(norm, hidden), nn.LeakyReLU(0.01),
-            nn.Linear(hidden, 1),
+            nn.Linear(hidden, outputs),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -89,9 +95,12 @@ class DCGANGenerator(nn.Module):
 
 
 class DCGANDiscriminator(nn.Module):
-    """DCGAN discriminator, by default without normalisation (per-sample norms keep WGAN-GP's gradients per sample)."""
+    """DCGAN discriminator, by default without normalisation (per-sample norms keep WGAN-GP's gradients per sample).
 
-    def __init__(self, image_shape: tuple[int, int, int], width: int = 64, norm: str = "none"):
+    outputs > 1 makes it an image encoder ([n, outputs] features): the support encoder uses that.
+    """
+
+    def __init__(self, image_shape: tuple[int, int, int], width: int = 64, norm: str = "none", outputs: int = 1):
         super().__init__()
         channels, height, _ = image_shape
         self.image_shape = tuple(image_shape)
@@ -101,11 +110,31 @@ class DCGANDiscriminator(nn.Module):
         for _ in range(levels - 1):
             layers += [nn.Conv2d(c, c * 2, 4, 2, 1), *norm_layers(norm, c * 2), nn.LeakyReLU(0.2)]
             c *= 2
-        layers += [nn.Conv2d(c, 1, 4, 1, 0)]
+        layers += [nn.Conv2d(c, outputs, 4, 1, 0)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x).flatten(1).squeeze(-1)
+
+
+class SupportConditionedGenerator(nn.Module):
+    """A generator that sees its task's shots: G(z, shots) = body([z, mean_j encoder(shots_j)]).
+
+    The mean over shots makes the encoding independent of their order and number (meta-training k
+    may differ from meta-test k). The encoder is part of G's parameters: meta-learned with the body
+    and adapted by the same inner loop.
+    """
+
+    conditioned = True
+
+    def __init__(self, body: nn.Module, encoder: nn.Module, z_dim: int):
+        super().__init__()
+        self.body, self.encoder = body, encoder
+        self.z_dim, self.image_shape = z_dim, body.image_shape
+
+    def forward(self, z: Tensor, shots: Tensor) -> Tensor:
+        code = self.encoder(shots).reshape(len(shots), -1).mean(0)
+        return self.body(torch.cat([z, code.expand(z.shape[0], -1)], dim=1))
 
 
 def build_pair(
@@ -114,18 +143,28 @@ def build_pair(
     image_shape: tuple[int, int, int],
     width: int | None = None,
     norms: tuple[str, str] | None = None,
+    support_dim: int = 0,
 ) -> tuple[nn.Module, nn.Module]:
     """A (generator, discriminator) pair. `width`: MLP hidden size of G (D gets half) or DCGAN base channels;
-    `norms`: (G, D) normalisations from NORMS (default: DEFAULT_NORMS of the architecture)."""
+    `norms`: (G, D) normalisations from NORMS (default: DEFAULT_NORMS of the architecture);
+    `support_dim` > 0: G is support-conditioned, with an encoder (D's architecture) of that many features."""
     image_shape = tuple(image_shape)
     if len(image_shape) != 3 or image_shape[0] not in (1, 3):
         raise ValueError(f"image_shape must be (C, H, W) with 1 or 3 channels, got {image_shape}")
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
+    if support_dim < 0:
+        raise ValueError(f"support_dim must be >= 0 (0: a generator that does not see the shots), got {support_dim}")
     norm_g, norm_d = norms or DEFAULT_NORMS[arch]
     if arch == "mlp":
         hidden = width or 256
-        return (MLPGenerator(z_dim, image_shape, hidden, norm_g),
-                MLPDiscriminator(image_shape, max(1, hidden // 2), norm_d))
-    base = width or 64
-    return DCGANGenerator(z_dim, image_shape, base, norm_g), DCGANDiscriminator(image_shape, base, norm_d)
+        generator = functools.partial(MLPGenerator, image_shape=image_shape, hidden=hidden, norm=norm_g)
+        discriminator = functools.partial(MLPDiscriminator, image_shape, max(1, hidden // 2), norm_d)
+    else:
+        base = width or 64
+        generator = functools.partial(DCGANGenerator, image_shape=image_shape, width=base, norm=norm_g)
+        discriminator = functools.partial(DCGANDiscriminator, image_shape, base, norm_d)
+    if not support_dim:
+        return generator(z_dim), discriminator()
+    conditioned = SupportConditionedGenerator(generator(z_dim + support_dim), discriminator(outputs=support_dim), z_dim)
+    return conditioned, discriminator()

@@ -13,9 +13,14 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 
-def forward(module, params, x):
+def forward(module, params, *inputs):
     names = [n for n, _ in module.named_parameters()]
-    return functional_call(module, dict(zip(names, params)), (x,))
+    return functional_call(module, dict(zip(names, params)), inputs)
+
+
+def generate(G, pg, z, support):
+    """G's fakes; a support-conditioned G also gets the task's support images."""
+    return forward(G, pg, z, support) if getattr(G, "conditioned", False) else forward(G, pg, z)
 
 
 def split_like(module, flat):
@@ -38,15 +43,15 @@ def penalty(D, pd, real, fake, mix):
     return torch.stack(terms).mean()
 
 
-def g_loss(cfg, G, D, pg, pd, z):
-    fake_logits = forward(D, pd, forward(G, pg, z))
+def g_loss(cfg, G, D, pg, pd, z, support):
+    fake_logits = forward(D, pd, generate(G, pg, z, support))
     if cfg.loss == "ns":
         return F.softplus(-fake_logits).mean()
     return -fake_logits.mean()
 
 
-def d_loss(cfg, G, D, pg, pd, real, z, mix):
-    fake = forward(G, pg, z)
+def d_loss(cfg, G, D, pg, pd, real, z, mix, support):
+    fake = generate(G, pg, z, support)
     r, f = forward(D, pd, real), forward(D, pd, fake)
     if cfg.loss == "ns":
         return F.softplus(-r).mean() + F.softplus(f).mean()
@@ -95,15 +100,15 @@ def objective_values(cfg, G, D, pg, pd, task, lrs=None):
     opt_g, opt_d = (PlainAdam(cfg, pg), PlainAdam(cfg, pd)) if adam else (None, None)
     for z, mix in zip(task["noise"], task["mix"]):
         leaves = [p.clone().requires_grad_() for p in pg]
-        grads = torch.autograd.grad(g_loss(cfg, G, D, leaves, pd, z), leaves)
+        grads = torch.autograd.grad(g_loss(cfg, G, D, leaves, pd, z, task["support"]), leaves)
         pg = opt_g.step(pg, grads) if adam else [p - lr * g for p, lr, g in zip(pg, lr_g, grads)]
         for _ in range(cfg.d_steps):
             leaves = [p.clone().requires_grad_() for p in pd]
-            grads = torch.autograd.grad(d_loss(cfg, G, D, pg, leaves, task["support"], z, mix), leaves)
+            grads = torch.autograd.grad(d_loss(cfg, G, D, pg, leaves, task["support"], z, mix, task["support"]), leaves)
             pd = opt_d.step(pd, grads) if adam else [p - lr * g for p, lr, g in zip(pd, lr_d, grads)]
     with torch.enable_grad():
-        lg = g_loss(cfg, G, D, pg, pd, task["query_noise"])
-        ld = d_loss(cfg, G, D, pg, pd, task["query"], task["query_noise"], task["query_mix"])
+        lg = g_loss(cfg, G, D, pg, pd, task["query_noise"], task["support"])
+        ld = d_loss(cfg, G, D, pg, pd, task["query"], task["query_noise"], task["query_mix"], task["support"])
     return lg.item(), ld.item(), pg, pd
 
 
@@ -117,14 +122,14 @@ def maml_task_grads(cfg, G, D, theta_g, theta_d, task, lrs=None, trap=False):
     pg, pd = list(theta_g), list(theta_d)
     for z, mix in zip(task["noise"], task["mix"]):
         alias = [p.clone() for p in pg]
-        grads = torch.autograd.grad(g_loss(cfg, G, D, alias, pd, z), alias, create_graph=True)
+        grads = torch.autograd.grad(g_loss(cfg, G, D, alias, pd, z, task["support"]), alias, create_graph=True)
         pg = [p - lr * g for p, lr, g in zip(pg, lr_g, grads)]
         for _ in range(cfg.d_steps):
             alias = pd if trap else [p.clone() for p in pd]
-            grads = torch.autograd.grad(d_loss(cfg, G, D, pg, alias, task["support"], z, mix), alias, create_graph=True)
+            grads = torch.autograd.grad(d_loss(cfg, G, D, pg, alias, task["support"], z, mix, task["support"]), alias, create_graph=True)
             pd = [p - lr * g for p, lr, g in zip(pd, lr_d, grads)]
-    lg = g_loss(cfg, G, D, pg, pd, task["query_noise"])
-    ld = d_loss(cfg, G, D, pg, pd, task["query"], task["query_noise"], task["query_mix"])
+    lg = g_loss(cfg, G, D, pg, pd, task["query_noise"], task["support"])
+    ld = d_loss(cfg, G, D, pg, pd, task["query"], task["query_noise"], task["query_mix"], task["support"])
     g_in, d_in = list(theta_g), list(theta_d)
     if lrs is not None:
         g_lr_in, d_lr_in = list(lr_g), list(lr_d)
@@ -144,8 +149,8 @@ def fomaml_task_grads(cfg, G, D, theta_g, theta_d, task):
     _, _, pg, pd = objective_values(cfg, G, D, theta_g, theta_d, task)
     pg = [p.detach().requires_grad_() for p in pg]
     pd = [p.detach().requires_grad_() for p in pd]
-    lg = g_loss(cfg, G, D, pg, pd, task["query_noise"])
-    ld = d_loss(cfg, G, D, pg, pd, task["query"], task["query_noise"], task["query_mix"])
+    lg = g_loss(cfg, G, D, pg, pd, task["query_noise"], task["support"])
+    ld = d_loss(cfg, G, D, pg, pd, task["query"], task["query_noise"], task["query_mix"], task["support"])
     if cfg.objective == "seed":
         return list(torch.autograd.grad(lg + ld, pg + pd))
     return list(torch.autograd.grad(lg, pg)) + list(torch.autograd.grad(ld, pd))

@@ -99,6 +99,25 @@ def test_adapt_to_a_pool_task_with_meta_sgd_rates_and_adam(metasgd_run, pool, tm
             assert grid.size == grid_size(SHOTS + 4)
 
 
+def test_a_support_conditioned_run_trains_adapts_and_samples_from_its_saved_weights(pool, tmp_path):
+    run = train_tiny_run(pool, tmp_path / "run", "model.support_dim=4", "meta.algorithm=reptile",
+                         "meta.inner_rule=adam", "meta.inner_lr=0.01", "run.sample_every=2", steps=2)
+    assert (run / "samples" / "step-00000002.png").is_file()
+    key = Pool(pool).keys("test")[0]
+    out = tmp_path / "adapted"
+    main([str(run), "--task", key, "--pool", str(pool), "--steps", "2", "--samples", "4", "--out", str(out),
+          "--save-weights", "--seed", "3"])
+    weights = torch.load(out / "adapted.pt", weights_only=True)
+    model = load_meta_learned(run)
+    assert model.learner.conditioned and weights["support"].shape == (SHOTS, *SQUARES_SHAPE)
+    # The saved weights and shots are all a conditioned G needs to draw; other shots draw other images.
+    z = torch.randn(1, 4, Z_DIM)
+    samples = model.learner.generate(weights["generator"][None], z, weights["support"][None])
+    assert samples.shape == (1, 4, *SQUARES_SHAPE)
+    other = model.learner.generate(weights["generator"][None], z, -weights["support"][None])
+    assert not torch.allclose(samples, other)
+
+
 def test_a_deepspeed_checkpoint_loads_to_the_same_parameters(run, tmp_path):
     """DeepSpeed writes mp_rank_00_model_states.pt ({"module": state_dict}) instead of engine.pt."""
     torch_folder = load_meta_learned(run).folder

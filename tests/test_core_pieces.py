@@ -42,6 +42,32 @@ def test_normalised_pairs_normalise_each_sample_on_its_own(arch, shape, norm):
     assert not list(G.buffers()) and not list(D.buffers())
 
 
+@pytest.mark.parametrize("arch,shape", [("mlp", (1, 8, 8)), ("dcgan", (1, 32, 32))])
+def test_support_conditioned_generator_draws_from_the_mean_encoding_of_its_shots(arch, shape):
+    G, D = build_pair(arch, 4, shape, width=4, support_dim=3)
+    assert G.conditioned and G.z_dim == 4 and G.image_shape == shape
+    z, shots, other = torch.randn(5, 4), torch.rand(4, *shape) * 2 - 1, torch.rand(4, *shape) * 2 - 1
+    images = G(z, shots)
+    assert images.shape == (5, *shape) and D(images).shape == (5,)
+    # The shots' order does not matter, their content does, and any k works (mean of the encodings).
+    torch.testing.assert_close(G(z, shots.flip(0)), images)
+    assert not torch.allclose(G(z, other), images)
+    torch.testing.assert_close(G(z, torch.cat([shots, shots])), images)
+    want = G.body(torch.cat([z, G.encoder(shots).mean(0).expand(5, -1)], dim=1))
+    torch.testing.assert_close(images, want)
+
+
+def test_model_config_builds_a_support_conditioned_generator_on_request():
+    from metagan_dist.config import ModelConfig
+
+    plain, _ = ModelConfig().build((1, 8, 8))
+    conditioned, _ = ModelConfig(support_dim=16).build((1, 8, 8))
+    assert not getattr(plain, "conditioned", False) and conditioned.conditioned
+    assert conditioned.encoder.net[-1].out_features == 16
+    with pytest.raises(ValueError, match="model.support_dim must be >= 0"):
+        ModelConfig(support_dim=-1)
+
+
 def test_model_config_builds_the_architectures_default_norms_unless_told():
     from metagan_dist.config import ModelConfig
 

@@ -9,12 +9,13 @@ from metagan_dist import EpisodeBatch, MetaConfig, build_pair, meta_gradients
 TASKS, SHOTS, QUERIES = 2, 3, 3
 
 
-def tiny_pair(arch):
-    """Small float64 pairs: an MLP on 1x4x4 images and a DCGAN on 1x32x32 with 1 base channel."""
+def tiny_pair(arch, support_dim=0):
+    """Small float64 pairs: an MLP on 1x4x4 images and a DCGAN on 1x32x32 with 1 base channel
+    (support_dim > 0: G sees an encoding of its task's support set)."""
     if arch == "mlp":
-        G, D = build_pair("mlp", 3, (1, 4, 4), width=6)
+        G, D = build_pair("mlp", 3, (1, 4, 4), width=6, support_dim=support_dim)
     else:
-        G, D = build_pair("dcgan", 2, (1, 32, 32), width=1)
+        G, D = build_pair("dcgan", 2, (1, 32, 32), width=1, support_dim=support_dim)
     return G.double(), D.double()
 
 
@@ -132,6 +133,37 @@ def test_batched_matches_per_task_loop(arch, algorithm, objective, loss):
 
 
 @pytest.mark.parametrize("arch", ["mlp", "dcgan"])
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "metasgd"])
+@pytest.mark.parametrize("loss", ["ns", "wgan-gp"])
+def test_support_conditioned_generator_matches_the_per_task_loop(arch, algorithm, loss):
+    G, D = tiny_pair(arch, support_dim=2)
+    rule = "adam" if algorithm == "reptile" else "sgd"
+    cfg = MetaConfig(algorithm=algorithm, loss=loss, inner_steps=2, inner_lr=0.1 if rule == "sgd" else 0.01,
+                     inner_rule=rule)
+    batch = make_batch(G, 2)
+    lrs = None
+    if algorithm == "metasgd":
+        lrs = tuple(torch.full_like(flat_params(net), 0.1) for net in (G, D))
+    got = meta_gradients(G, D, batch, cfg, inner_lrs=lrs)
+    want = reference_grads(cfg, G, D, batch, lrs)
+    assert rel_err(got.flat, want) <= 1e-10
+    # The encoder is part of G and gets a meta-gradient of its own.
+    encoder = sum(p.numel() for p in G.encoder.parameters())
+    assert torch.cat([g.reshape(-1) for g in got.generator])[-encoder:].abs().sum() > 0
+
+
+def test_support_conditioned_maml_matches_finite_differences():
+    G, D = tiny_pair("mlp", support_dim=2)
+    cfg = MetaConfig(algorithm="maml", inner_steps=2, inner_lr=0.1)
+    batch = make_batch(G, 2)
+    grads = meta_gradients(G, D, batch, cfg)
+    theta_g, theta_d = flat_params(G), flat_params(D)
+    dirs = list(torch.eye(theta_g.numel(), dtype=torch.float64))
+    fd = central_difference(lambda x: mean_objective(cfg, G, D, x, theta_d, batch, "g"), theta_g, dirs)
+    assert rel_err(grads.flat[: theta_g.numel()], fd) <= 1e-6
+
+
+@pytest.mark.parametrize("arch", ["mlp", "dcgan"])
 @pytest.mark.parametrize(
     "algorithm,rule,d_steps",
     [("maml", "sgd", 2), ("fomaml", "sgd", 3), ("fomaml", "adam", 1), ("reptile", "adam", 2), ("reptile", "adam", 1)],
@@ -243,7 +275,7 @@ def test_reptile_is_step_size_times_adapted_gradients_for_one_step():
     grads_g = 0
     for t in range(batch.tasks):
         task = ref.task_inputs(batch, t)
-        loss = ref.g_loss(cfg, G, D, theta_g, theta_d, task["noise"][0])
+        loss = ref.g_loss(cfg, G, D, theta_g, theta_d, task["noise"][0], task["support"])
         grads_g = grads_g + torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, theta_g)])
     want = 0.2 * grads_g / batch.tasks
     got = torch.cat([g.reshape(-1) for g in delta.generator])

@@ -6,8 +6,10 @@
 
 Writes OUT/grid.png (the k shots, then the samples, in one row) and with --save-weights
 OUT/adapted.pt: a dict with the adapted flat parameters "generator" [P_G] and "discriminator"
-[P_D], the checkpoint's "config", "image_shape" and how they were adapted. To sample from it:
-`learner = load_meta_learned(checkpoint).learner; learner.G(w["generator"][None], z[None])` with z [n, z_dim].
+[P_D], the shots it adapted on ("support" [k, C, H, W] in [-1, 1]: a support-conditioned G needs
+them to sample), the checkpoint's "config", "image_shape" and how they were adapted. To sample:
+`load_meta_learned(checkpoint).learner.generate(w["generator"][None], z[None], w["support"][None])`
+with z [n, z_dim].
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def adapt(args: argparse.Namespace) -> None:
     for step in tqdm(range(args.steps), desc=f"adapt ({rule})", unit="step"):
         adaptation.advance(support, inner_noise[step : step + 1], inner_mix[step : step + 1])
     with torch.no_grad():
-        samples = model.learner.G(adaptation.generator, sample_noise)
+        samples = model.learner.generate(adaptation.generator, sample_noise, support)
     if not (torch.isfinite(adaptation.generator).all() and torch.isfinite(samples).all()):
         raise ValueError(f"the adaptation diverged: non-finite generator weights or samples after {args.steps} steps "
                          f"with rule {rule}; nothing written (try a smaller rate)")
@@ -104,6 +106,7 @@ def adapt(args: argparse.Namespace) -> None:
         weights = out / "adapted.pt"
         save_file_atomic({
             "generator": adaptation.generator[0].cpu(), "discriminator": adaptation.discriminator[0].cpu(),
+            "support": support[0].cpu(),
             "image_shape": list(model.image_shape), "config": to_dict(model.config),
             "checkpoint": str(model.folder), "checkpoint_step": model.step, "shots": shots.sources,
             "steps": args.steps, "rule": str(rule), "seed": args.seed,
