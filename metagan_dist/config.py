@@ -39,10 +39,13 @@ class ModelConfig:
                       check=one_of(("auto", *NORMS)))
     support_dim: int = opt(0, "support-conditioned generator: G also sees the mean of an encoding of its task's "
                               "shots, this many features (encoder: D's architecture, meta-learned and adapted with G); "
-                              "0 = G sees only noise", check=at_least(0, " (0 = a generator that sees only noise)"))
+                              "0 = G sees only noise", check=at_least(0, " (0 = a generator that sees only noise; else at least 2)"))
 
     def __post_init__(self) -> None:
         check_section("model", self)
+        if self.support_dim == 1:
+            raise ValueError("model.support_dim must be 0 (G sees only noise) or at least 2: the layer-normed code of "
+                             "one feature is always 0")
 
     def build(self, image_shape: tuple[int, int, int]) -> tuple[nn.Module, nn.Module]:
         """The (generator, discriminator) pair this config describes, for images of `image_shape`."""
@@ -135,12 +138,13 @@ class EngineConfig:
 
 @dataclass
 class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # The recipe chosen by benchmarks/few_shot_quality.py (README, "The recipe"): a support-conditioned G,
+    # first-order MAML with a per-task Adam (β1 = 0) for 10 inner steps, two D steps per G step. The
+    # library's ModelConfig() stays unconditioned and its MetaConfig() stays MAML.
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(support_dim=64))
     data: DataConfig = field(default_factory=DataConfig)
-    # The recipe chosen by benchmarks/few_shot_quality.py (README, "The recipe"): Reptile with a per-task
-    # Adam (β1 = 0) for 10 inner steps, two D steps per G step. The library's MetaConfig() stays MAML.
     meta: MetaConfig = field(default_factory=lambda: MetaConfig(
-        algorithm="reptile", inner_rule="adam", inner_lr=0.01, inner_beta1=0.0, inner_steps=10, d_steps=2))
+        algorithm="fomaml", inner_rule="adam", inner_lr=0.01, inner_beta1=0.0, inner_steps=10, d_steps=2))
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)

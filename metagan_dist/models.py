@@ -13,6 +13,7 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 ARCHITECTURES = ("mlp", "dcgan")
@@ -118,22 +119,24 @@ class DCGANDiscriminator(nn.Module):
 
 
 class SupportConditionedGenerator(nn.Module):
-    """A generator that sees its task's shots: G(z, shots) = body([z, mean_j encoder(shots_j)]).
+    """A generator that sees its task's shots: G(z, shots) = body([z, layer_norm(mean_j encoder(shots_j))]).
 
-    The mean over shots makes the encoding independent of their order and number (meta-training k
-    may differ from meta-test k). The encoder is part of G's parameters: meta-learned with the body
-    and adapted by the same inner loop.
+    The mean over shots makes the code independent of their order and number (meta-training k may
+    differ from meta-test k); the layer norm keeps its scale fixed while the inner loop moves the
+    encoder (without it, inner Adam steps blew the code up). The encoder is part of G's
+    parameters: meta-learned with the body and adapted by the same inner loop.
     """
 
     conditioned = True
 
-    def __init__(self, body: nn.Module, encoder: nn.Module, z_dim: int):
+    def __init__(self, body: nn.Module, encoder: nn.Module, z_dim: int, support_dim: int):
         super().__init__()
         self.body, self.encoder = body, encoder
         self.z_dim, self.image_shape = z_dim, body.image_shape
+        self.support_dim = support_dim
 
     def forward(self, z: Tensor, shots: Tensor) -> Tensor:
-        code = self.encoder(shots).reshape(len(shots), -1).mean(0)
+        code = F.layer_norm(self.encoder(shots).reshape(len(shots), -1).mean(0), (self.support_dim,))
         return self.body(torch.cat([z, code.expand(z.shape[0], -1)], dim=1))
 
 
@@ -153,8 +156,9 @@ def build_pair(
         raise ValueError(f"image_shape must be (C, H, W) with 1 or 3 channels, got {image_shape}")
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
-    if support_dim < 0:
-        raise ValueError(f"support_dim must be >= 0 (0: a generator that does not see the shots), got {support_dim}")
+    if support_dim < 0 or support_dim == 1:
+        raise ValueError(f"support_dim must be 0 (a generator that does not see the shots) or at least 2 (a "
+                         f"layer-normed code of one feature is always 0), got {support_dim}")
     norm_g, norm_d = norms or DEFAULT_NORMS[arch]
     if arch == "mlp":
         hidden = width or 256
@@ -166,5 +170,6 @@ def build_pair(
         discriminator = functools.partial(DCGANDiscriminator, image_shape, base, norm_d)
     if not support_dim:
         return generator(z_dim), discriminator()
-    conditioned = SupportConditionedGenerator(generator(z_dim + support_dim), discriminator(outputs=support_dim), z_dim)
+    conditioned = SupportConditionedGenerator(generator(z_dim + support_dim), discriminator(outputs=support_dim), z_dim,
+                                             support_dim)
     return conditioned, discriminator()

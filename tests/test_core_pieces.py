@@ -53,7 +53,9 @@ def test_support_conditioned_generator_draws_from_the_mean_encoding_of_its_shots
     torch.testing.assert_close(G(z, shots.flip(0)), images)
     assert not torch.allclose(G(z, other), images)
     torch.testing.assert_close(G(z, torch.cat([shots, shots])), images)
-    want = G.body(torch.cat([z, G.encoder(shots).mean(0).expand(5, -1)], dim=1))
+    code = G.encoder(shots).mean(0)
+    code = (code - code.mean()) / (code.var(unbiased=False) + 1e-5).sqrt()
+    want = G.body(torch.cat([z, code.expand(5, -1)], dim=1))
     torch.testing.assert_close(images, want)
 
 
@@ -66,6 +68,8 @@ def test_model_config_builds_a_support_conditioned_generator_on_request():
     assert conditioned.encoder.net[-1].out_features == 16
     with pytest.raises(ValueError, match="model.support_dim must be >= 0"):
         ModelConfig(support_dim=-1)
+    with pytest.raises(ValueError, match="model.support_dim must be 0 .* or at least 2"):
+        ModelConfig(support_dim=1)
 
 
 def test_model_config_builds_the_architectures_default_norms_unless_told():

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -16,6 +17,7 @@ from metagan_dist.evaluation import baselines
 from metagan_dist.evaluation.checkpoint_model import load_meta_learned
 from metagan_dist.evaluation.evaluate import main
 from metagan_dist.evaluation.harness import METRICS, REFERENCES
+from metagan_dist.meta import MetaLearner
 from train_utils import SHOTS, SQUARES_SHAPE, make_square_pool, train_tiny_run
 
 TASKS, SEEDS, SAMPLES, STEPS = 2, 2, 6, 3
@@ -159,10 +161,36 @@ def test_pretraining_is_seeded_and_moves_the_parameters(runs, pool):
     images = next(iter(Pool(pool).load_tasks("train").values()))
     budget = baselines.PretrainBudget(images=12, batch=4, steps=3)
     theta = baselines.random_init(model.config, SQUARES_SHAPE, seed=0)
+    tasks = np.zeros(len(images), dtype=int)  # one task: the tiny runs' G is support-conditioned (the default)
     first, second, other = (baselines.pretrain(model.learner, *theta, images, budget, 0.01, (0.5, 0.999), seed=s,
-                                               progress=False) for s in (1, 1, 2))
+                                               progress=False, tasks=tasks) for s in (1, 1, 2))
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     assert not torch.equal(first[0], other[0]) and not torch.equal(first[0], theta[0])
+
+
+def test_pretraining_a_conditioned_generator_draws_each_batch_from_one_task():
+    config = TrainConfig()
+    config.model.width, config.model.z_dim, config.model.support_dim = 8, 4, 4
+    learner = MetaLearner(*config.model.build((1, 8, 8)), config.meta)
+    images = np.repeat(np.arange(3, dtype=np.uint8) * 100, 5)[:, None, None, None] * np.ones((1, 1, 8, 8), np.uint8)
+    tasks = np.repeat(np.arange(3), 5)  # task t's images all have the value 100 t
+    batches = []
+    start = learner.start_adaptation
+
+    def recording(*args, **kwargs):
+        session = start(*args, **kwargs)
+        advance = session.advance
+        session.advance = lambda support, *rest: (batches.append(support), advance(support, *rest))
+        return session
+
+    learner.start_adaptation = recording
+    theta = baselines.random_init(config, (1, 8, 8), seed=0)
+    budget = baselines.PretrainBudget(images=24, batch=4, steps=6)
+    baselines.pretrain(learner, *theta, images, budget, 0.01, (0.5, 0.999), seed=0, progress=False, tasks=tasks)
+    assert len(batches) == 6 and all(batch.unique().numel() == 1 for batch in batches)
+    assert len({batch.unique().item() for batch in batches}) > 1  # different tasks over the steps
+    with pytest.raises(ValueError, match="needs each image's task index"):
+        baselines.pretrain(learner, *theta, images, budget, 0.01, (0.5, 0.999), seed=0, progress=False)
 
 
 def test_matched_budget_counts_real_images_of_all_ranks():

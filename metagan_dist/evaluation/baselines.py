@@ -5,6 +5,8 @@ a meta-step evaluates T tasks x (inner_steps x k support + q query) real images 
 so a run of N meta-steps on R ranks buys the pretraining N x R x T x (inner_steps x k + q) real
 images, taken in Adam steps of `batch` images (one G step, then one D step, as in the inner loop)
 with the run's outer-optimizer settings (optim.lr, beta1, beta2) from the run's initial weights.
+A support-conditioned generator is pretrained as a conditional GAN: each step's batch comes from one
+task, and it is also the support G is conditioned on.
 """
 
 from __future__ import annotations
@@ -63,20 +65,30 @@ def pretrain(
     betas: tuple[float, float],
     seed: int,
     progress: bool = True,
+    tasks: np.ndarray | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Train one GAN from (θ_G, θ_D) on uint8 images [N, C, H, W] (the union of the meta-train tasks).
 
     Each step draws `budget.batch` images at random (with replacement across steps) and fresh noise,
-    all from a generator seeded with `seed`. Returns the trained flat θ_G [P_G], θ_D [P_D].
+    all from a generator seeded with `seed`: from all images, or, for a support-conditioned G (which
+    needs `tasks`, each image's task index [N]), from one task drawn at random. Returns the trained
+    flat θ_G [P_G], θ_D [P_D].
     """
+    if learner.conditioned and tasks is None:
+        raise ValueError("pretraining a support-conditioned generator needs each image's task index (tasks=)")
     device = theta_g.device
     rng = torch.Generator().manual_seed(seed)
     data = images_to_tensor(images)
+    members = [torch.from_numpy(np.flatnonzero(tasks == t)) for t in np.unique(tasks)] if learner.conditioned else None
     rule = InnerAdam(lr, betas)
     session = learner.start_adaptation(theta_g, theta_d, tasks=1, rules=(rule, rule))
     z_dim = learner.G.module.z_dim
     for _ in tqdm(range(budget.steps), desc="pretrain", unit="step", disable=not progress):
-        batch = data[torch.randint(len(data), (budget.batch,), generator=rng)][None].to(device)
+        pick = torch.randint(len(data), (budget.batch,), generator=rng)
+        if members is not None:
+            task = members[int(torch.randint(len(members), (), generator=rng))]
+            pick = task[pick % len(task)]
+        batch = data[pick][None].to(device)
         noise = torch.randn(1, 1, budget.batch, z_dim, generator=rng).to(device)
         mix = torch.rand(1, 1, budget.batch, generator=rng).to(device)
         session.advance(batch, noise, mix)

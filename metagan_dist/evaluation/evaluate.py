@@ -133,11 +133,12 @@ def meta_train_images(pool: Pool) -> tuple[np.ndarray, np.ndarray]:
 
 def build_methods(
     args: argparse.Namespace, loaded: list[tuple[str, MetaLearnedGAN]], pool: Pool, images: np.ndarray,
-    device: torch.device,
+    labels: np.ndarray, device: torch.device,
 ) -> tuple[list[Method], dict | None]:
     """The rows of the comparison, and a record of how the pretraining baseline was made (None without it).
 
-    images: the meta-train images uint8 [N, C, H, W] that `pretrain-finetune` is pretrained on.
+    images, labels: the meta-train images uint8 [N, C, H, W] that `pretrain-finetune` is pretrained
+    on, and each one's task index [N].
     """
     _, reference = loaded[0]
     config, shape = reference.config, reference.image_shape
@@ -163,7 +164,7 @@ def build_methods(
         theta_g, theta_d = baselines.random_init(config, shape, config.run.seed)
         pretrained = baselines.pretrain(
             reference.learner, theta_g.to(device), theta_d.to(device), images, budget,
-            lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2), seed=config.run.seed,
+            lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2), seed=config.run.seed, tasks=labels,
         )
         pretrain_record = {**budget.as_dict(), "lr": config.optim.lr, "betas": [config.optim.beta1, config.optim.beta2],
                            "matches": f"{reference.folder}: {reference.step} meta-steps x {reference.ranks} rank(s) x "
@@ -174,7 +175,8 @@ def build_methods(
             methods.append(Method("pretrain-finetune", "baseline", reference.learner, rule,
                                   init=lambda seed: pretrained,
                                   source=f"GAN pretrained on {pool.path} {META_TRAIN_SPLIT} split, {budget.steps} "
-                                         f"Adam steps of {budget.batch} images"))
+                                         f"Adam steps of {budget.batch} images"
+                                         + (" of one task each (conditional)" if reference.learner.conditioned else "")))
     return methods, pretrain_record
 
 
@@ -206,7 +208,7 @@ def run(args: argparse.Namespace) -> None:
     check_plan(plan)
     images, labels = meta_train_images(pool)
     spaces = load_or_train_feature_spaces(pool.path, images, labels, epochs=args.feature_epochs, device=device)
-    methods, pretrain_record = build_methods(args, loaded, pool, images, device)
+    methods, pretrain_record = build_methods(args, loaded, pool, images, labels, device)
 
     start = time.perf_counter()
     scores, references, grid_shots = evaluate(methods, plan, spaces, device, grid_step=args.steps,
