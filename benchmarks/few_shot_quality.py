@@ -1,6 +1,6 @@
 """Few-shot quality on the glyphs pool: meta-train the recipe, evaluate it against the baselines, check the targets.
 
-    python benchmarks/few_shot_quality.py                     # the RESULTS.md figures (29 min on 2 shared CPU cores)
+    python benchmarks/few_shot_quality.py                     # the RESULTS.md figures (17 min on 2 CPU cores)
     python benchmarks/few_shot_quality.py --tasks 20 --seeds 1 --quick-steps 300 --long-steps 300   # a smoke run
 
 1. Meta-trains two runs of the recipe with launch/train.py: the quick start (its defaults, as
