@@ -39,7 +39,8 @@ class ModelConfig:
                       check=one_of(("auto", *NORMS)))
     support_dim: int = opt(0, "support-conditioned generator: G also sees the mean of an encoding of its task's "
                               "shots, this many features (encoder: D's architecture, meta-learned and adapted with G); "
-                              "0 = G sees only noise", check=at_least(0, " (0 = a generator that sees only noise; else at least 2)"))
+                              "0 = G sees only noise",
+                           check=at_least(0, " (0 = a generator that sees only noise; else at least 2)"))
 
     def __post_init__(self) -> None:
         check_section("model", self)

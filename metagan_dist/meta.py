@@ -223,7 +223,8 @@ class MetaLearner:
         return (mix, 0) if self.config.loss == "wgan-gp" else (None, None)
 
     def generate(self, theta_g: Tensor, noise: Tensor, support: Tensor) -> Tensor:
-        """Fakes of every task [T, n, C, H, W] from θ_G ([T, P_G] or shared [P_G]), noise [T, n, z], support [T, k, ...]."""
+        """Fakes of every task [T, n, C, H, W] from θ_G ([T, P_G] or shared [P_G]), noise [T, n, z] and the
+        support [T, k, C, H, W] (which only a conditioned G looks at)."""
         return vmap(self.task_generate, in_dims=(task_dim(theta_g), 0, 0))(self.G.layout.unflatten(theta_g), noise,
                                                                             support)
 

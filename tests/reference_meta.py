@@ -126,7 +126,8 @@ def maml_task_grads(cfg, G, D, theta_g, theta_d, task, lrs=None, trap=False):
         pg = [p - lr * g for p, lr, g in zip(pg, lr_g, grads)]
         for _ in range(cfg.d_steps):
             alias = pd if trap else [p.clone() for p in pd]
-            grads = torch.autograd.grad(d_loss(cfg, G, D, pg, alias, task["support"], z, mix, task["support"]), alias, create_graph=True)
+            loss = d_loss(cfg, G, D, pg, alias, task["support"], z, mix, task["support"])
+            grads = torch.autograd.grad(loss, alias, create_graph=True)
             pd = [p - lr * g for p, lr, g in zip(pd, lr_d, grads)]
     lg = g_loss(cfg, G, D, pg, pd, task["query_noise"], task["support"])
     ld = d_loss(cfg, G, D, pg, pd, task["query"], task["query_noise"], task["query_mix"], task["support"])
