@@ -203,11 +203,24 @@ def _sections_only(values: Any, where: str) -> dict[str, Any]:
     return {name: section for name, section in values.items() if section is not None}
 
 
+# Keys added after checkpoints were first written, each with the value that reproduces what a checkpoint
+# saved without it ran (its default today is the newer recipe's): a saved config lacking one gets this.
+ABSENT_IN_OLDER_CHECKPOINTS = {"model.support_dim": 0, "meta.inner_rule": "sgd", "meta.d_steps": 1}
+
+
 def from_dict(values: dict[str, Any], where: str) -> TrainConfig:
-    """A TrainConfig from nested dicts (a checkpoint's saved config); unknown keys are errors naming `where`."""
+    """A TrainConfig from nested dicts (a checkpoint's saved config); unknown keys are errors naming `where`.
+
+    Keys the saved config lacks take today's defaults, except ABSENT_IN_OLDER_CHECKPOINTS.
+    """
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    values = {section: dict(keys) if isinstance(keys, dict) else keys for section, keys in values.items()}
+    for dotted, value in ABSENT_IN_OLDER_CHECKPOINTS.items():
+        section, key = dotted.split(".")
+        if isinstance(values.get(section), dict):
+            values[section].setdefault(key, value)
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), values))
     except OmegaConfBaseException as err:

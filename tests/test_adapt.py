@@ -164,6 +164,20 @@ def test_a_checkpoint_of_another_format_version_names_the_file_and_version(run, 
     assert f"{folder / 'trainer.pt'} has checkpoint format version 99" in err
 
 
+def test_a_checkpoint_saved_before_newer_keys_loads_as_it_was_trained(run, tmp_path):
+    folder = Path(shutil.copytree(load_meta_learned(run).folder, tmp_path / "older"))
+    state = load_trainer_state(folder)
+    state["config"]["meta"].pop("inner_rule"), state["config"]["meta"].pop("d_steps")
+    torch.save(state, folder / "trainer.pt")
+    older = load_meta_learned(folder)
+    assert (older.config.meta.inner_rule, older.config.meta.d_steps) == ("sgd", 1)
+    # A model whose saved shape no longer fits the meta-parameters is refused, naming the folder.
+    state["config"]["model"]["support_dim"] = 8 if state["config"]["model"]["support_dim"] != 8 else 16
+    torch.save(state, folder / "trainer.pt")
+    with pytest.raises(ValueError, match=f"{folder}: its θ_G has .* values but its config's model"):
+        load_meta_learned(folder)
+
+
 def test_a_folder_without_checkpoints_is_named(tmp_path, capsys):
     err = error_of(capsys, tmp_path, "--images", write_images(tmp_path / "shots", SHOTS))
     assert f"{tmp_path} is neither a checkpoint folder" in err

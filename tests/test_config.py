@@ -84,3 +84,14 @@ def test_a_yaml_file_must_hold_sections(tmp_path):
         load_config(path)
     path.write_text("run:\n# every key commented out\n")
     assert load_config(path) == TrainConfig()
+
+
+def test_a_saved_config_without_newer_keys_means_what_it_meant_when_saved():
+    from metagan_dist.config import from_dict, to_dict
+
+    saved = to_dict(TrainConfig())
+    for section, key in (("model", "support_dim"), ("meta", "inner_rule"), ("meta", "d_steps")):
+        del saved[section][key]
+    loaded = from_dict(saved, "old.pt")
+    assert (loaded.model.support_dim, loaded.meta.inner_rule, loaded.meta.d_steps) == (0, "sgd", 1)
+    assert from_dict(to_dict(TrainConfig()), "new.pt") == TrainConfig()

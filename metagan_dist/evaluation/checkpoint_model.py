@@ -50,6 +50,10 @@ def load_meta_learned(path: str | Path, device: torch.device | str = "cpu") -> M
     image_shape = tuple(state["image_shape"])
     generator, discriminator = config.model.build(image_shape)
     learner = MetaLearner(generator.to(device), discriminator.to(device), config.meta)
+    for role, theta, net in (("θ_G", params.generator, learner.G), ("θ_D", params.discriminator, learner.D)):
+        if theta.numel() != net.layout.numel:
+            raise ValueError(f"{folder}: its {role} has {theta.numel()} values but its config's model {config.model} "
+                             f"has {net.layout.numel}")
     rates = params.inner_lrs()
     return MetaLearnedGAN(
         folder=folder,
