@@ -19,7 +19,8 @@ Methods: each checkpoint (adapted with --rules, default its meta-learned inner r
 random init of the same architecture (a fresh one per seed); `pretrain-finetune`, one GAN trained
 with Adam on the union of the meta-train tasks for the same compute as the first checkpoint's
 meta-training (the same number of real-image evaluations: meta-steps x ranks x tasks per rank x
-(inner steps x k + q)), from its initial weights. Baselines adapt with each of --baseline-rules
+(inner steps x k + q)), from its initial weights (for a support-conditioned G, a conditional GAN:
+each batch from one task, which is also G's support). Baselines adapt with each of --baseline-rules
 (default: the first checkpoint's own inner rule, written as sgd:LR or adam:LR:BETA1).
 
 Writes OUT/results.json, OUT/results.md, OUT/curves.png (recognizability and KID against steps)
