@@ -22,6 +22,9 @@ def _worker(rank: int, world_size: int, fn, args, folder: str) -> None:
         dist.barrier()  # nobody tears down its connections while a peer still uses them
     finally:
         dist.destroy_process_group()
+    # Done and written: leave without the interpreter's teardown, where gloo's threads now and then
+    # abort the process ("terminate called without an active exception"), as launch/train.py does.
+    os._exit(0)
 
 
 def run_on_ranks(fn, world_size: int = 2, *args, timeout_s: float = 300):
