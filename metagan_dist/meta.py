@@ -225,8 +225,7 @@ class MetaLearner:
     def generate(self, theta_g: Tensor, noise: Tensor, support: Tensor) -> Tensor:
         """Fakes of every task [T, n, C, H, W] from θ_G ([T, P_G] or shared [P_G]), noise [T, n, z] and the
         support [T, k, C, H, W] (which only a conditioned G looks at)."""
-        return vmap(self.task_generate, in_dims=(task_dim(theta_g), 0, 0))(self.G.layout.unflatten(theta_g), noise,
-                                                                            support)
+        return self.G(theta_g, noise, support) if self.conditioned else self.G(theta_g, noise)
 
     def g_grad(self, theta_g: Tensor, theta_d: Tensor, noise: Tensor, support: Tensor) -> Tensor:
         """∂L_G/∂θ_G of every task [T, P_G], θ_D held fixed."""
