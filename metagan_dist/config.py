@@ -41,6 +41,9 @@ class ModelConfig:
                               "shots, this many features (encoder: D's architecture, meta-learned and adapted with G); "
                               "0 = G sees only noise",
                            check=at_least(0, " (0 = a generator that sees only noise; else at least 2)"))
+    g_smooth: float = opt(0.0, "σ in pixels of a fixed Gaussian blur of G's output before its tanh; it removes the "
+                               "pixel-sized noise that inner Adam steps write into samples; 0 = off",
+                          check=at_least(0, " (0 = off)"))
 
     def __post_init__(self) -> None:
         check_section("model", self)
@@ -52,7 +55,8 @@ class ModelConfig:
         """The (generator, discriminator) pair this config describes, for images of `image_shape`."""
         chosen = (self.g_norm, self.d_norm)
         norms = tuple(default if norm == "auto" else norm for norm, default in zip(chosen, DEFAULT_NORMS[self.arch]))
-        return build_pair(self.arch, self.z_dim, image_shape, self.width or None, norms, self.support_dim)
+        return build_pair(self.arch, self.z_dim, image_shape, self.width or None, norms, self.support_dim,
+                          self.g_smooth)
 
 
 @dataclass
@@ -205,7 +209,9 @@ def _sections_only(values: Any, where: str) -> dict[str, Any]:
 
 # Keys added after checkpoints were first written, each with the value that reproduces what a checkpoint
 # saved without it ran (its default today is the newer recipe's): a saved config lacking one gets this.
-ABSENT_IN_OLDER_CHECKPOINTS = {"model.support_dim": 0, "meta.inner_rule": "sgd", "meta.d_steps": 1}
+ABSENT_IN_OLDER_CHECKPOINTS = {
+    "model.support_dim": 0, "model.g_smooth": 0.0, "meta.inner_rule": "sgd", "meta.d_steps": 1,
+}
 
 
 def from_dict(values: dict[str, Any], where: str) -> TrainConfig:

@@ -33,19 +33,51 @@ def norm_layers(kind: str, channels: int) -> list[nn.Module]:
     return [nn.GroupNorm(groups, channels)] if groups else []
 
 
-class MLPGenerator(nn.Module):
-    """The seed's generator: z -> hidden (ReLU) -> C*H*W (Tanh); optionally normalised before the ReLU."""
+class OutputSmoothing(nn.Module):
+    """A fixed Gaussian blur of G's pre-activation image (σ pixels, per channel), applied before the tanh.
 
-    def __init__(self, z_dim: int, image_shape: tuple[int, int, int], hidden: int = 256, norm: str = "none"):
+    An inner Adam step moves every output weight by about its rate whatever the gradient's size, which
+    writes pixel-sized noise into the samples; the blur takes that band out before the tanh, which
+    keeps strokes sharp. The kernel is a buffer, not a parameter: no task copy adapts it.
+    """
+
+    def __init__(self, channels: int, sigma: float):
+        super().__init__()
+        if not sigma > 0:
+            raise ValueError(f"output smoothing needs sigma > 0 pixels, got {sigma}")
+        self.radius = math.ceil(2 * sigma)
+        offsets = torch.arange(-self.radius, self.radius + 1, dtype=torch.float32)
+        taps = torch.exp(-(offsets**2) / (2 * sigma**2))
+        taps = taps / taps.sum()
+        kernel = (taps[:, None] * taps[None, :]).expand(channels, 1, -1, -1).contiguous()
+        self.register_buffer("kernel", kernel, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        padded = F.pad(x, (self.radius,) * 4, mode="replicate")  # replicate: the border is not pulled towards 0
+        return F.conv2d(padded, self.kernel, groups=self.kernel.shape[0])
+
+
+def image_output(image_shape: tuple[int, int, int], smooth: float) -> list[nn.Module]:
+    """The last layers of a generator on its pre-activation image: optional smoothing, then the tanh."""
+    return [*([OutputSmoothing(image_shape[0], smooth)] if smooth else []), nn.Tanh()]
+
+
+class MLPGenerator(nn.Module):
+    """The seed's generator: z -> hidden (ReLU) -> C*H*W (Tanh); optionally normalised before the ReLU
+    and smoothed (`smooth`: σ of OutputSmoothing in pixels, 0 = off) before the tanh."""
+
+    def __init__(
+        self, z_dim: int, image_shape: tuple[int, int, int], hidden: int = 256, norm: str = "none", smooth: float = 0.0
+    ):
         super().__init__()
         self.z_dim, self.image_shape = z_dim, tuple(image_shape)
         self.net = nn.Sequential(
             nn.Linear(z_dim, hidden), *norm_layers(norm, hidden), nn.ReLU(), nn.Linear(hidden, math.prod(image_shape)),
-            nn.Tanh(),
+            nn.Unflatten(-1, self.image_shape), *image_output(self.image_shape, smooth),
         )
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.net(z).view(-1, *self.image_shape)
+        return self.net(z)
 
 
 class MLPDiscriminator(nn.Module):
@@ -74,9 +106,12 @@ def _dcgan_levels(size: int) -> int:
 
 
 class DCGANGenerator(nn.Module):
-    """DCGAN generator: z -> 4x4 map -> transposed convs doubling the size -> C x size x size."""
+    """DCGAN generator: z -> 4x4 map -> transposed convs doubling the size -> C x size x size (optionally
+    smoothed before the tanh, as MLPGenerator)."""
 
-    def __init__(self, z_dim: int, image_shape: tuple[int, int, int], width: int = 64, norm: str = "group"):
+    def __init__(
+        self, z_dim: int, image_shape: tuple[int, int, int], width: int = 64, norm: str = "group", smooth: float = 0.0
+    ):
         super().__init__()
         channels, height, width_px = image_shape
         if height != width_px:
@@ -88,7 +123,7 @@ class DCGANGenerator(nn.Module):
         for _ in range(levels - 1):
             layers += [nn.ConvTranspose2d(c, c // 2, 4, 2, 1, bias=norm == "none"), *norm_layers(norm, c // 2), nn.ReLU()]
             c //= 2
-        layers += [nn.ConvTranspose2d(c, channels, 4, 2, 1), nn.Tanh()]
+        layers += [nn.ConvTranspose2d(c, channels, 4, 2, 1), *image_output(self.image_shape, smooth)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: Tensor) -> Tensor:
@@ -147,26 +182,32 @@ def build_pair(
     width: int | None = None,
     norms: tuple[str, str] | None = None,
     support_dim: int = 0,
+    smooth: float = 0.0,
 ) -> tuple[nn.Module, nn.Module]:
     """A (generator, discriminator) pair. `width`: MLP hidden size of G (D gets half) or DCGAN base channels;
     `norms`: (G, D) normalisations from NORMS (default: DEFAULT_NORMS of the architecture);
-    `support_dim` > 0: G is support-conditioned, with an encoder (D's architecture) of that many features."""
+    `support_dim` > 0: G is support-conditioned, with an encoder (D's architecture) of that many features;
+    `smooth` > 0: G's output is blurred before its tanh (OutputSmoothing, σ in pixels)."""
     image_shape = tuple(image_shape)
     if len(image_shape) != 3 or image_shape[0] not in (1, 3):
         raise ValueError(f"image_shape must be (C, H, W) with 1 or 3 channels, got {image_shape}")
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
+    if smooth < 0:
+        raise ValueError(f"smooth is the σ of G's output smoothing in pixels: 0 (off) or more, got {smooth}")
     if support_dim < 0 or support_dim == 1:
         raise ValueError(f"support_dim must be 0 (a generator that does not see the shots) or at least 2 (a "
                          f"layer-normed code of one feature is always 0), got {support_dim}")
     norm_g, norm_d = norms or DEFAULT_NORMS[arch]
     if arch == "mlp":
         hidden = width or 256
-        generator = functools.partial(MLPGenerator, image_shape=image_shape, hidden=hidden, norm=norm_g)
+        generator = functools.partial(MLPGenerator, image_shape=image_shape, hidden=hidden, norm=norm_g,
+                                      smooth=smooth)
         discriminator = functools.partial(MLPDiscriminator, image_shape, max(1, hidden // 2), norm_d)
     else:
         base = width or 64
-        generator = functools.partial(DCGANGenerator, image_shape=image_shape, width=base, norm=norm_g)
+        generator = functools.partial(DCGANGenerator, image_shape=image_shape, width=base, norm=norm_g,
+                                      smooth=smooth)
         discriminator = functools.partial(DCGANDiscriminator, image_shape, base, norm_d)
     if not support_dim:
         return generator(z_dim), discriminator()

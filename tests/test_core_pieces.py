@@ -7,8 +7,10 @@ from torch import nn
 
 import reference_meta as ref
 from metagan_dist import EpisodeBatch, MetaConfig, build_pair, draw_episode, meta_gradients
+from metagan_dist.config import ModelConfig
 from metagan_dist.flat import BatchedNet, FlatLayout
 from metagan_dist.losses import gradient_penalty
+from metagan_dist.models import OutputSmoothing
 
 
 @pytest.mark.parametrize(
@@ -59,9 +61,57 @@ def test_support_conditioned_generator_draws_from_the_mean_encoding_of_its_shots
     torch.testing.assert_close(images, want)
 
 
-def test_model_config_builds_a_support_conditioned_generator_on_request():
-    from metagan_dist.config import ModelConfig
+def test_output_smoothing_is_a_normalised_gaussian_blur_with_replicated_borders():
+    sigma = 0.7
+    smooth = OutputSmoothing(2, sigma).double()
+    x = torch.randn(3, 2, 5, 6, dtype=torch.float64)
+    # Direct sum over the window, the border replicated by clamping indices.
+    r = smooth.radius
+    taps = torch.tensor([np.exp(-(d * d) / (2 * sigma * sigma)) for d in range(-r, r + 1)], dtype=torch.float64)
+    taps = taps / taps.sum()
+    want = torch.zeros_like(x)
+    for a in range(-r, r + 1):
+        for b in range(-r, r + 1):
+            rows = (torch.arange(5) + a).clamp(0, 4)
+            cols = (torch.arange(6) + b).clamp(0, 5)
+            want += taps[a + r] * taps[b + r] * x[:, :, rows][:, :, :, cols]
+    torch.testing.assert_close(smooth(x), want)
+    # A flat image stays flat (the weights sum to 1), and channels do not mix.
+    torch.testing.assert_close(smooth(torch.full((1, 2, 5, 6), -0.9, dtype=torch.float64)),
+                               torch.full((1, 2, 5, 6), -0.9, dtype=torch.float64))
+    one_channel = x.clone()
+    one_channel[:, 1] = 0
+    assert smooth(one_channel)[:, 1].abs().max() == 0
 
+
+@pytest.mark.parametrize("arch,shape", [("mlp", (1, 8, 8)), ("dcgan", (3, 32, 32))])
+def test_smoothed_generator_has_the_same_parameters_and_a_smoothed_output(arch, shape):
+    torch.manual_seed(0)
+    plain, _ = build_pair(arch, 4, shape, width=4)
+    torch.manual_seed(0)
+    smoothed, _ = build_pair(arch, 4, shape, width=4, smooth=0.8)
+    assert FlatLayout.of(smoothed).names == FlatLayout.of(plain).names
+    assert FlatLayout.of(smoothed).shapes == FlatLayout.of(plain).shapes
+    assert not smoothed.state_dict().keys() - plain.state_dict().keys()  # the kernel is not saved
+    z = torch.randn(5, 4)
+    pre = plain.net[:-1](z if arch == "mlp" else z[..., None, None])  # the image before the last layer, the tanh
+    smooth = next(m for m in smoothed.modules() if isinstance(m, OutputSmoothing))
+    torch.testing.assert_close(smoothed(z), torch.tanh(smooth(pre)))
+    assert not torch.allclose(smoothed(z), plain(z))
+
+
+def test_model_config_builds_a_smoothed_generator_and_refuses_a_negative_sigma():
+    G, _ = ModelConfig(g_smooth=0.5).build((1, 8, 8))
+    assert any(isinstance(m, OutputSmoothing) for m in G.modules())
+    G, _ = ModelConfig().build((1, 8, 8))
+    assert not any(isinstance(m, OutputSmoothing) for m in G.modules())
+    with pytest.raises(ValueError, match="model.g_smooth must be >= 0"):
+        ModelConfig(g_smooth=-0.5)
+    with pytest.raises(ValueError, match="smooth is the σ of G's output smoothing"):
+        build_pair("mlp", 4, (1, 8, 8), smooth=-1)
+
+
+def test_model_config_builds_a_support_conditioned_generator_on_request():
     plain, _ = ModelConfig().build((1, 8, 8))
     conditioned, _ = ModelConfig(support_dim=16).build((1, 8, 8))
     assert not getattr(plain, "conditioned", False) and conditioned.conditioned

@@ -9,13 +9,13 @@ from metagan_dist import EpisodeBatch, MetaConfig, build_pair, meta_gradients
 TASKS, SHOTS, QUERIES = 2, 3, 3
 
 
-def tiny_pair(arch, support_dim=0):
+def tiny_pair(arch, support_dim=0, smooth=0.0):
     """Small float64 pairs: an MLP on 1x4x4 images and a DCGAN on 1x32x32 with 1 base channel
-    (support_dim > 0: G sees an encoding of its task's support set)."""
+    (support_dim > 0: G sees an encoding of its task's support set; smooth > 0: G's output is blurred)."""
     if arch == "mlp":
-        G, D = build_pair("mlp", 3, (1, 4, 4), width=6, support_dim=support_dim)
+        G, D = build_pair("mlp", 3, (1, 4, 4), width=6, support_dim=support_dim, smooth=smooth)
     else:
-        G, D = build_pair("dcgan", 2, (1, 32, 32), width=1, support_dim=support_dim)
+        G, D = build_pair("dcgan", 2, (1, 32, 32), width=1, support_dim=support_dim, smooth=smooth)
     return G.double(), D.double()
 
 
@@ -161,6 +161,31 @@ def test_support_conditioned_maml_matches_finite_differences():
     dirs = list(torch.eye(theta_g.numel(), dtype=torch.float64))
     fd = central_difference(lambda x: mean_objective(cfg, G, D, x, theta_d, batch, "g"), theta_g, dirs)
     assert rel_err(grads.flat[: theta_g.numel()], fd) <= 1e-6
+
+
+@pytest.mark.parametrize("arch", ["mlp", "dcgan"])
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "metasgd"])
+def test_smoothed_conditioned_generator_matches_the_per_task_loop(arch, algorithm):
+    G, D = tiny_pair(arch, support_dim=2, smooth=0.8)
+    rule = "adam" if algorithm == "reptile" else "sgd"
+    cfg = MetaConfig(algorithm=algorithm, inner_steps=2, inner_lr=0.1 if rule == "sgd" else 0.01, inner_rule=rule)
+    batch = make_batch(G, 2)
+    lrs = tuple(torch.full_like(flat_params(net), 0.1) for net in (G, D)) if algorithm == "metasgd" else None
+    got = meta_gradients(G, D, batch, cfg, inner_lrs=lrs)
+    assert rel_err(got.flat, reference_grads(cfg, G, D, batch, lrs)) <= 1e-10
+
+
+@pytest.mark.parametrize("arch", ["mlp", "dcgan"])
+def test_smoothed_generator_maml_matches_finite_differences(arch):
+    G, D = tiny_pair(arch, smooth=0.8)
+    cfg = MetaConfig(algorithm="maml", inner_steps=2, inner_lr=0.1)
+    batch = make_batch(G, 2)
+    grads = meta_gradients(G, D, batch, cfg)
+    theta_g, theta_d = flat_params(G), flat_params(D)
+    dirs = torch.randn(8, theta_g.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    dirs = dirs / dirs.norm(dim=1, keepdim=True)
+    fd = central_difference(lambda x: mean_objective(cfg, G, D, x, theta_d, batch, "g"), theta_g, dirs)
+    assert rel_err(dirs @ grads.flat[: theta_g.numel()], fd) <= 1e-6
 
 
 @pytest.mark.parametrize("arch", ["mlp", "dcgan"])
