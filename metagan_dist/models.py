@@ -37,8 +37,8 @@ class OutputSmoothing(nn.Module):
     """A fixed Gaussian blur of G's pre-activation image (σ pixels, per channel), applied before the tanh.
 
     An inner Adam step moves every output weight by about its rate whatever the gradient's size, which
-    writes pixel-sized noise into the samples; the blur takes that band out before the tanh, which
-    keeps strokes sharp. The kernel is a buffer, not a parameter: no task copy adapts it.
+    writes pixel-sized noise into the samples; the blur takes that band out, and the tanh after it
+    still saturates strokes and background. The kernel is a buffer, not a parameter: no task copy adapts it.
     """
 
     def __init__(self, channels: int, sigma: float):
