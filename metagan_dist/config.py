@@ -44,6 +44,9 @@ class ModelConfig:
     g_smooth: float = opt(0.0, "σ in pixels of a fixed Gaussian blur of G's output before its tanh; it removes the "
                                "pixel-sized noise that inner Adam steps write into samples; 0 = off",
                           check=at_least(0, " (0 = off)"))
+    sample_median: int = opt(0, "radius in pixels of a median filter that samples (grids, adapt, evaluate) go "
+                                "through, never the inner loop's fakes: it removes the isolated pixels that inner "
+                                "Adam steps write and keeps strokes; 0 = off", check=at_least(0, " (0 = off)"))
 
     def __post_init__(self) -> None:
         check_section("model", self)
@@ -56,7 +59,7 @@ class ModelConfig:
         chosen = (self.g_norm, self.d_norm)
         norms = tuple(default if norm == "auto" else norm for norm, default in zip(chosen, DEFAULT_NORMS[self.arch]))
         return build_pair(self.arch, self.z_dim, image_shape, self.width or None, norms, self.support_dim,
-                          self.g_smooth)
+                          self.g_smooth, self.sample_median)
 
 
 @dataclass
@@ -210,7 +213,8 @@ def _sections_only(values: Any, where: str) -> dict[str, Any]:
 # Keys added after checkpoints were first written, each with the value that reproduces what a checkpoint
 # saved without it ran (its default today is the newer recipe's): a saved config lacking one gets this.
 ABSENT_IN_OLDER_CHECKPOINTS = {
-    "model.support_dim": 0, "model.g_smooth": 0.0, "meta.inner_rule": "sgd", "meta.d_steps": 1,
+    "model.support_dim": 0, "model.g_smooth": 0.0, "model.sample_median": 0, "meta.inner_rule": "sgd",
+    "meta.d_steps": 1,
 }
 
 

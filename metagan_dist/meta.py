@@ -37,6 +37,7 @@ from metagan_dist.episode import EpisodeBatch
 from metagan_dist.flat import BatchedNet, task_dim
 from metagan_dist.inner import INNER_RULES, InnerAdam, InnerRule, InnerSGD
 from metagan_dist.losses import LOSSES, discriminator_loss, generator_loss, gradient_penalty
+from metagan_dist.models import median_filter
 from metagan_dist.options import above, any_value, at_least, below_one, check_section, one_of, opt
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd")
@@ -226,6 +227,15 @@ class MetaLearner:
         """Fakes of every task [T, n, C, H, W] from θ_G ([T, P_G] or shared [P_G]), noise [T, n, z] and the
         support [T, k, C, H, W] (which only a conditioned G looks at)."""
         return self.G(theta_g, noise, support) if self.conditioned else self.G(theta_g, noise)
+
+    def sample(self, theta_g: Tensor, noise: Tensor, support: Tensor) -> Tensor:
+        """Samples to show or score: `generate`, then the generator's `sample_median` filter if it has one.
+
+        The inner loop's fakes stay unfiltered (`generate`): D judges what G's weights draw.
+        """
+        images = self.generate(theta_g, noise, support)
+        radius = getattr(self.G.module, "sample_median", 0)
+        return median_filter(images, radius) if radius else images
 
     def g_grad(self, theta_g: Tensor, theta_d: Tensor, noise: Tensor, support: Tensor) -> Tensor:
         """∂L_G/∂θ_G of every task [T, P_G], θ_D held fixed."""

@@ -3,6 +3,7 @@
 Every generator maps noise [n, z_dim] to images [n, C, H, W] in [-1, 1]; every discriminator maps
 images to logits [n]. Both carry `z_dim` and `image_shape` so data can be checked against them.
 A generator with `conditioned = True` also takes its task's support set: forward(z, shots [k, C, H, W]).
+A generator's `sample_median` (a radius, 0 = off) says whether its samples go through median_filter.
 No BatchNorm with running statistics anywhere: a running mean shared by all task copies would mix
 tasks and make adaptation depend on task order (see flat._check_no_running_stats).
 """
@@ -55,6 +56,20 @@ class OutputSmoothing(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         padded = F.pad(x, (self.radius,) * 4, mode="replicate")  # replicate: the border is not pulled towards 0
         return F.conv2d(padded, self.kernel, groups=self.kernel.shape[0])
+
+
+def median_filter(images: Tensor, radius: int) -> Tensor:
+    """Each pixel replaced by the median of its (2·radius + 1)² window, per channel, borders replicated.
+
+    An edge-preserving denoiser for samples [..., C, H, W]: it removes isolated outlier pixels (the
+    salt noise that inner Adam steps write) and keeps strokes wider than the radius.
+    """
+    if radius < 1:
+        raise ValueError(f"a median filter needs a radius of at least 1 pixel, got {radius}")
+    size = 2 * radius + 1
+    planes = F.pad(images.reshape(-1, 1, *images.shape[-2:]), (radius,) * 4, mode="replicate")
+    windows = planes.unfold(2, size, 1).unfold(3, size, 1)  # [N, 1, H, W, size, size]
+    return windows.flatten(-2).median(-1).values.reshape(images.shape)
 
 
 def image_output(image_shape: tuple[int, int, int], smooth: float) -> list[nn.Module]:
@@ -183,11 +198,14 @@ def build_pair(
     norms: tuple[str, str] | None = None,
     support_dim: int = 0,
     smooth: float = 0.0,
+    sample_median: int = 0,
 ) -> tuple[nn.Module, nn.Module]:
     """A (generator, discriminator) pair. `width`: MLP hidden size of G (D gets half) or DCGAN base channels;
     `norms`: (G, D) normalisations from NORMS (default: DEFAULT_NORMS of the architecture);
     `support_dim` > 0: G is support-conditioned, with an encoder (D's architecture) of that many features;
-    `smooth` > 0: G's output is blurred before its tanh (OutputSmoothing, σ in pixels)."""
+    `smooth` > 0: G's output is blurred before its tanh (OutputSmoothing, σ in pixels);
+    `sample_median` > 0: samples (not the inner loop's fakes) go through median_filter of that radius,
+    recorded as the generator's `sample_median` attribute (MetaLearner.sample reads it)."""
     image_shape = tuple(image_shape)
     if len(image_shape) != 3 or image_shape[0] not in (1, 3):
         raise ValueError(f"image_shape must be (C, H, W) with 1 or 3 channels, got {image_shape}")
@@ -195,6 +213,9 @@ def build_pair(
         raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
     if smooth < 0:
         raise ValueError(f"smooth is the σ of G's output smoothing in pixels: 0 (off) or more, got {smooth}")
+    if sample_median < 0:
+        raise ValueError(f"sample_median is the radius of the samples' median filter in pixels: 0 (off) or more, "
+                         f"got {sample_median}")
     if support_dim < 0 or support_dim == 1:
         raise ValueError(f"support_dim must be 0 (a generator that does not see the shots) or at least 2 (a "
                          f"layer-normed code of one feature is always 0), got {support_dim}")
@@ -209,8 +230,10 @@ def build_pair(
         generator = functools.partial(DCGANGenerator, image_shape=image_shape, width=base, norm=norm_g,
                                       smooth=smooth)
         discriminator = functools.partial(DCGANDiscriminator, image_shape, base, norm_d)
-    if not support_dim:
-        return generator(z_dim), discriminator()
-    conditioned = SupportConditionedGenerator(generator(z_dim + support_dim), discriminator(outputs=support_dim), z_dim,
-                                             support_dim)
-    return conditioned, discriminator()
+    if support_dim:
+        g = SupportConditionedGenerator(generator(z_dim + support_dim), discriminator(outputs=support_dim), z_dim,
+                                        support_dim)
+    else:
+        g = generator(z_dim)
+    g.sample_median = sample_median
+    return g, discriminator()

@@ -29,7 +29,7 @@ def adapt_and_generate(
     adapted_g, _ = learner.adapt(theta_g.detach(), theta_d.detach(), shots, inner_noise, inner_mix,
                                  learner.inner_rules(rates))
     with torch.no_grad():
-        return learner.generate(adapted_g, sample_noise, shots)
+        return learner.sample(adapted_g, sample_noise, shots)
 
 
 def save_grid(shots: Tensor, samples: Tensor, path: Path) -> None:

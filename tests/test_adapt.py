@@ -112,9 +112,9 @@ def test_a_support_conditioned_run_trains_adapts_and_samples_from_its_saved_weig
     assert model.learner.conditioned and weights["support"].shape == (SHOTS, *SQUARES_SHAPE)
     # The saved weights and shots are all a conditioned G needs to draw; other shots draw other images.
     z = torch.randn(1, 4, Z_DIM)
-    samples = model.learner.generate(weights["generator"][None], z, weights["support"][None])
+    samples = model.learner.sample(weights["generator"][None], z, weights["support"][None])
     assert samples.shape == (1, 4, *SQUARES_SHAPE)
-    other = model.learner.generate(weights["generator"][None], z, -weights["support"][None])
+    other = model.learner.sample(weights["generator"][None], z, -weights["support"][None])
     assert not torch.allclose(samples, other)
 
 

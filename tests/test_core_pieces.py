@@ -10,7 +10,8 @@ from metagan_dist import EpisodeBatch, MetaConfig, build_pair, draw_episode, met
 from metagan_dist.config import ModelConfig
 from metagan_dist.flat import BatchedNet, FlatLayout
 from metagan_dist.losses import gradient_penalty
-from metagan_dist.models import OutputSmoothing
+from metagan_dist.meta import MetaLearner
+from metagan_dist.models import OutputSmoothing, median_filter
 
 
 @pytest.mark.parametrize(
@@ -109,6 +110,50 @@ def test_model_config_builds_a_smoothed_generator_and_refuses_a_negative_sigma()
         ModelConfig(g_smooth=-0.5)
     with pytest.raises(ValueError, match="smooth is the σ of G's output smoothing"):
         build_pair("mlp", 4, (1, 8, 8), smooth=-1)
+
+
+def test_median_filter_is_the_median_of_each_window_with_replicated_borders():
+    images = torch.randn(2, 3, 3, 6, 5, dtype=torch.float64)  # [T, n, C, H, W]
+    for radius in (1, 2):
+        got = median_filter(images, radius)
+        assert got.shape == images.shape
+        height, width = images.shape[-2:]
+        for index in np.ndindex(*images.shape[:3]):
+            plane = images[index]
+            for y in range(height):
+                for x in range(width):
+                    rows = [min(max(y + dy, 0), height - 1) for dy in range(-radius, radius + 1)]
+                    cols = [min(max(x + dx, 0), width - 1) for dx in range(-radius, radius + 1)]
+                    window = plane[rows][:, cols].flatten()
+                    assert got[index][y, x] == window.sort().values[len(window) // 2]
+
+
+def test_median_filter_removes_isolated_pixels_and_keeps_strokes():
+    image = -torch.ones(1, 1, 12, 12)
+    image[..., 2:9, 5:8] = 1  # a stroke three pixels wide
+    salted = image.clone()
+    salted[..., 10, 1] = salted[..., 1, 10] = 1  # salt on the background
+    salted[..., 4, 6] = -1  # pepper in the stroke
+    torch.testing.assert_close(median_filter(salted, 1), median_filter(image, 1))
+    assert median_filter(salted, 1)[..., 3:8, 5:8].eq(1).all()  # the stroke's body survives
+    with pytest.raises(ValueError, match="radius of at least 1"):
+        median_filter(image, 0)
+
+
+def test_samples_go_through_the_generators_median_filter_and_inner_fakes_do_not():
+    shape = (1, 8, 8)
+    G, D = ModelConfig(support_dim=4, sample_median=1).build(shape)
+    assert G.sample_median == 1 and ModelConfig().build(shape)[0].sample_median == 0
+    learner = MetaLearner(G, D, MetaConfig())
+    theta_g = learner.G.flat_parameters()
+    noise, support = torch.randn(2, 5, G.z_dim), torch.rand(2, 3, *shape) * 2 - 1
+    fakes = learner.generate(theta_g, noise, support)
+    torch.testing.assert_close(learner.sample(theta_g, noise, support), median_filter(fakes, 1))
+    assert not torch.allclose(fakes, median_filter(fakes, 1))  # the filter did something to these samples
+    with pytest.raises(ValueError, match="model.sample_median must be >= 0"):
+        ModelConfig(sample_median=-1)
+    with pytest.raises(ValueError, match="sample_median is the radius"):
+        build_pair("mlp", 4, shape, sample_median=-1)
 
 
 def test_model_config_builds_a_support_conditioned_generator_on_request():

@@ -8,7 +8,7 @@ Writes OUT/grid.png (the k shots, then the samples, in one row) and with --save-
 OUT/adapted.pt: a dict with the adapted flat parameters "generator" [P_G] and "discriminator"
 [P_D], the shots it adapted on ("support" [k, C, H, W] in [-1, 1]: a support-conditioned G needs
 them to sample), the checkpoint's "config", "image_shape" and how they were adapted. To sample:
-`load_meta_learned(checkpoint).learner.generate(w["generator"][None], z[None], w["support"][None])`
+`load_meta_learned(checkpoint).learner.sample(w["generator"][None], z[None], w["support"][None])`
 with z [n, z_dim].
 """
 
@@ -93,7 +93,7 @@ def adapt(args: argparse.Namespace) -> None:
     for step in tqdm(range(args.steps), desc=f"adapt ({rule})", unit="step"):
         adaptation.advance(support, inner_noise[step : step + 1], inner_mix[step : step + 1])
     with torch.no_grad():
-        samples = model.learner.generate(adaptation.generator, sample_noise, support)
+        samples = model.learner.sample(adaptation.generator, sample_noise, support)
     if not (torch.isfinite(adaptation.generator).all() and torch.isfinite(samples).all()):
         raise ValueError(f"the adaptation diverged: non-finite generator weights or samples after {args.steps} steps "
                          f"with rule {rule}; nothing written (try a smaller rate)")

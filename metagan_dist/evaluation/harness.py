@@ -146,7 +146,7 @@ def evaluate(
                 adaptation.advance(support, inner_noise[done:step], inner_mix[done:step])
                 done = step
                 with torch.no_grad():
-                    samples = method.learner.generate(adaptation.generator, sample_noise, support)
+                    samples = method.learner.sample(adaptation.generator, sample_noise, support)
                 fake = [f.view(len(keys), plan.samples, -1) for f in spaces.features(samples.flatten(0, 1))]
                 result.add(step, judge(list(zip(*fake))))
                 if seed_index == 0 and step == grid_step:
