@@ -87,6 +87,25 @@ def test_adapt_from_a_folder_writes_the_grid_and_the_weights(run, tmp_path, caps
     assert (weights["steps"], weights["rule"], weights["image_shape"]) == (3, "meta", list(SQUARES_SHAPE))
 
 
+def test_sample_median_filters_the_samples_and_overrides_the_checkpoints_radius(run, tmp_path, capsys):
+    images = write_images(tmp_path / "shots", 5)
+    grids = {}
+    for radius in (0, 1):
+        out = tmp_path / f"median{radius}"
+        main([str(run), "--images", str(images), "--steps", "2", "--samples", "6", "--out", str(out), "--save-weights",
+              "--device", "cpu", "--sample-median", str(radius)])
+        weights = torch.load(out / "adapted.pt", weights_only=True)
+        assert weights["config"]["model"]["sample_median"] == radius
+        with Image.open(out / "grid.png") as grid:
+            grids[radius] = np.asarray(grid)
+    shots_width = SHOTS * (32 + PAD)
+    assert np.array_equal(grids[0][:, :shots_width], grids[1][:, :shots_width])  # the same shots
+    assert not np.array_equal(grids[0][:, shots_width:], grids[1][:, shots_width:])  # filtered samples
+    assert load_meta_learned(run).learner.G.module.sample_median == 0  # the checkpoint's own radius
+    assert load_meta_learned(run, sample_median=2).learner.G.module.sample_median == 2
+    assert "--sample-median must be >= 0" in error_of(capsys, run, "--images", images, "--sample-median", "-1")
+
+
 def test_adapt_to_a_pool_task_with_meta_sgd_rates_and_adam(metasgd_run, pool, tmp_path):
     key = Pool(pool).keys("test")[0]
     for rule in ("meta", "adam:0.01"):

@@ -15,7 +15,7 @@ from metagan_dist.config import TrainConfig
 from metagan_dist.data import Pool
 from metagan_dist.evaluation import baselines
 from metagan_dist.evaluation.checkpoint_model import load_meta_learned
-from metagan_dist.evaluation.evaluate import main
+from metagan_dist.evaluation.evaluate import load_checkpoints, main
 from metagan_dist.evaluation.harness import METRICS, REFERENCES
 from metagan_dist.meta import MetaLearner
 from train_utils import SHOTS, SQUARES_SHAPE, make_square_pool, train_tiny_run
@@ -221,6 +221,16 @@ def test_duplicate_names_a_baseline_rule_meta_and_short_tasks_are_errors(pool, r
     assert "baselines have no meta-learned inner rule" in error_of(capsys, runs["maml"], "--baseline-rules", "meta", *args)
     err = error_of(capsys, runs["maml"], *args, "--shots", "9")
     assert "has 12 images; evaluating with k=9 shots needs at least 17" in err
+
+
+def test_sample_median_applies_to_every_checkpoint_and_must_not_be_negative(pool, runs, tmp_path, capsys):
+    loaded = load_checkpoints([f"a={runs['maml']}", f"b={runs['maml']}"], torch.device("cpu"), sample_median=1)
+    assert [model.learner.G.module.sample_median for _, model in loaded] == [1, 1]
+    assert [model.config.model.sample_median for _, model in loaded] == [1, 1]  # the baselines are built from it
+    own = load_checkpoints([str(runs["maml"])], torch.device("cpu"))
+    assert own[0][1].config.model.sample_median == load_meta_learned(runs["maml"]).config.model.sample_median
+    err = error_of(capsys, runs["maml"], *common_args(pool, tmp_path / "o"), "--sample-median", "-1")
+    assert "--sample-median must be >= 0" in err
 
 
 def test_a_pool_of_another_image_shape_is_named(runs, tmp_path, capsys):

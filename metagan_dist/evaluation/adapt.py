@@ -45,6 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="meta: the checkpoint's own inner rule (SGD or Adam at meta.inner_lr, or Meta-SGD's "
                              "learned rates); sgd:LR, or adam:LR[:BETA1] (β1 default 0.5, β2 0.999) (default: meta)")
     parser.add_argument("--samples", type=int, default=16, help="samples to draw after adapting (default: 16)")
+    parser.add_argument("--sample-median", type=int, metavar="R",
+                        help="radius of the median filter the samples go through, 0 = none (default: the "
+                             "checkpoint's model.sample_median)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the adaptation and sample noise (default: 0)")
     parser.add_argument("--resize", action="store_true",
                         help="convert and resize images of another size or channel count to the model's (Lanczos); "
@@ -59,6 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.steps < 0:
         parser.error(f"--steps must be >= 0, got {args.steps}")
+    if args.sample_median is not None and args.sample_median < 0:
+        parser.error(f"--sample-median must be >= 0 (0 = no filter), got {args.sample_median}")
     if args.images is not None and args.pool is not None:
         parser.error("--pool applies to --task, not to --images")
     return args
@@ -70,7 +75,7 @@ def adapt(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     rule = parse_rule(args.rule)
-    model = load_meta_learned(args.checkpoint, device)
+    model = load_meta_learned(args.checkpoint, device, args.sample_median)
     k = args.shots or model.config.data.shots
     if args.images is not None:
         shots = shots_from_folder(args.images, k, model.image_shape, args.resize)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,14 +34,20 @@ class MetaLearnedGAN:
         return self.config.meta.algorithm
 
 
-def load_meta_learned(path: str | Path, device: torch.device | str = "cpu") -> MetaLearnedGAN:
+def load_meta_learned(
+    path: str | Path, device: torch.device | str = "cpu", sample_median: int | None = None
+) -> MetaLearnedGAN:
     """Load a run folder (its latest checkpoint) or a checkpoint folder written by the torch or DeepSpeed engine.
 
+    sample_median: the radius of the median filter its samples go through, instead of the config's
+    `model.sample_median` (it changes no parameter: the filter acts on samples only).
     Raises FileNotFoundError for a missing checkpoint and ValueError for another format version or config.
     """
     folder = resolve_checkpoint(path)
     state = load_trainer_state(folder)
     config = from_dict(state["config"], str(folder / "trainer.pt"))
+    if sample_median is not None:
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, sample_median=sample_median))
     params = load_meta_parameters(folder)
     if (params.generator_lr is not None) != (config.meta.algorithm == "metasgd"):
         raise ValueError(

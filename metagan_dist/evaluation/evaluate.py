@@ -84,6 +84,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"images per pretraining step; the step count follows from the budget (default: {baselines.PRETRAIN_BATCH})")
     parser.add_argument("--kid-subsets", type=int, default=20, help="random subsets averaged per KID estimate (default: 20)")
     parser.add_argument("--feature-epochs", type=int, default=8, help="epochs of the cached feature net (default: 8)")
+    parser.add_argument("--sample-median", type=int, metavar="R",
+                        help="radius of the median filter every method's samples go through, 0 = none (default: "
+                             "the first checkpoint's model.sample_median)")
     parser.add_argument("--grid-tasks", type=int, default=6, help="tasks shown in each method's sample grid (default: 6)")
     parser.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA if available (default: auto)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default (use 1-2 on a busy box)")
@@ -94,6 +97,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < (0 if name in ("tasks", "steps") else 1):
             parser.error(f"--{name.replace('_', '-')} must be at least {0 if name in ('tasks', 'steps') else 1}, got {value}")
+    if args.sample_median is not None and args.sample_median < 0:
+        parser.error(f"--sample-median must be >= 0 (0 = no filter), got {args.sample_median}")
     try:
         curve = {int(s) for s in args.curve_steps.split(",") if s.strip()}
     except ValueError:
@@ -104,12 +109,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def load_checkpoints(specs: list[str], device: torch.device) -> list[tuple[str, MetaLearnedGAN]]:
-    """(name, model) per NAME=PATH or PATH; names must be unique and architectures identical."""
+def load_checkpoints(
+    specs: list[str], device: torch.device, sample_median: int | None = None
+) -> list[tuple[str, MetaLearnedGAN]]:
+    """(name, model) per NAME=PATH or PATH; names must be unique and architectures identical.
+
+    sample_median: the samples' median filter radius for all of them (None: each checkpoint's own).
+    """
     loaded = []
     for spec in specs:
         name, _, path = spec.partition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
-        model = load_meta_learned(path, device)
+        model = load_meta_learned(path, device, sample_median)
         loaded.append((name or model.name, model))
     names = [name for name, _ in loaded]
     if len(set(names)) < len(names) or set(names) & set(BASELINES):
@@ -192,7 +202,7 @@ def run(args: argparse.Namespace) -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    loaded = load_checkpoints(args.checkpoints, device)
+    loaded = load_checkpoints(args.checkpoints, device, args.sample_median)
     _, reference = loaded[0]
     pool = open_pool(args.pool or reference.config.data.pool)
     if tuple(pool.image_shape) != tuple(reference.image_shape):
