@@ -136,6 +136,9 @@ def test_median_filter_removes_isolated_pixels_and_keeps_strokes():
     salted[..., 4, 6] = -1  # pepper in the stroke
     torch.testing.assert_close(median_filter(salted, 1), median_filter(image, 1))
     assert median_filter(salted, 1)[..., 3:8, 5:8].eq(1).all()  # the stroke's body survives
+    diverged = image.clone()
+    diverged[..., 6, 1] = float("nan")
+    assert median_filter(diverged, 1).isnan().any()  # a diverged sample is not filtered into a number
     with pytest.raises(ValueError, match="radius of at least 1"):
         median_filter(image, 0)
 
