@@ -230,7 +230,7 @@ def test_sample_median_applies_to_every_checkpoint_and_must_not_be_negative(pool
     own = load_checkpoints([str(runs["maml"])], torch.device("cpu"))
     assert own[0][1].config.model.sample_median == load_meta_learned(runs["maml"]).config.model.sample_median
     err = error_of(capsys, runs["maml"], *common_args(pool, tmp_path / "o"), "--sample-median", "-1")
-    assert "--sample-median must be >= 0" in err
+    assert "--sample-median must be at least 0, got -1" in err
 
 
 def test_a_pool_of_another_image_shape_is_named(runs, tmp_path, capsys):

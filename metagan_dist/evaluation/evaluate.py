@@ -92,13 +92,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default (use 1-2 on a busy box)")
     parser.add_argument("--out", default="eval", help="output folder (default: eval)")
     args = parser.parse_args(argv)
+    zero_allowed = ("tasks", "steps", "sample_median")
     for name in ("tasks", "steps", "seeds", "samples", "shots", "kid_subsets", "feature_epochs", "grid_tasks",
-                 "pretrain_batch", "ways", "episodes"):
+                 "pretrain_batch", "ways", "episodes", "sample_median"):
         value = getattr(args, name)
-        if value is not None and value < (0 if name in ("tasks", "steps") else 1):
-            parser.error(f"--{name.replace('_', '-')} must be at least {0 if name in ('tasks', 'steps') else 1}, got {value}")
-    if args.sample_median is not None and args.sample_median < 0:
-        parser.error(f"--sample-median must be >= 0 (0 = no filter), got {args.sample_median}")
+        if value is not None and value < (0 if name in zero_allowed else 1):
+            parser.error(f"--{name.replace('_', '-')} must be at least {0 if name in zero_allowed else 1}, got {value}")
     try:
         curve = {int(s) for s in args.curve_steps.split(",") if s.strip()}
     except ValueError:
