@@ -46,6 +46,7 @@ from torch._dynamo.utils import counters
 from torch.func import functional_call
 
 from metagan_dist import EpisodeBatch, MetaConfig, build_pair, meta_gradients
+from metagan_dist.flat import FlatLayout
 from metagan_dist.memory import keep_freed_memory, peak_tensor_bytes
 from metagan_dist.meta import COMPILED_FORWARD_STEP
 
@@ -69,7 +70,8 @@ VARIANTS = ("loop", "eager", "chunked", "compiled")
 
 
 def per_task_loop(G, D, batch: EpisodeBatch, cfg: MetaConfig) -> torch.Tensor:
-    """Second-order MAML (ns loss, seed objective), one task at a time; the mean flat meta-gradient."""
+    """Second-order MAML (ns loss, seed objective), one task at a time; the mean meta-gradient, each parameter
+    flattened in its own order (in_flat_order puts it in MetaGradients.flat order)."""
     names_g = [n for n, _ in G.named_parameters()]
     names_d = [n for n, _ in D.named_parameters()]
     theta_g = [p.detach().requires_grad_() for p in G.parameters()]
@@ -99,6 +101,13 @@ def per_task_loop(G, D, batch: EpisodeBatch, cfg: MetaConfig) -> torch.Tensor:
         flat = torch.cat([g.reshape(-1) for g in torch.autograd.grad(objective, theta_g + theta_d)])
         total = flat if total is None else total + flat
     return total / batch.tasks
+
+
+def in_flat_order(loop_grad: torch.Tensor, G: nn.Module, D: nn.Module) -> torch.Tensor:
+    """The loop's meta-gradient (each parameter in its own order) in MetaGradients.flat's order (FlatLayout's)."""
+    layouts = FlatLayout.of(G), FlatLayout.of(D)
+    pieces = loop_grad.split([layout.numel for layout in layouts])
+    return torch.cat([layout.flatten(layout.untransposed().split(x)) for layout, x in zip(layouts, pieces)])
 
 
 def setup(config: Config, device: torch.device) -> tuple[nn.Module, nn.Module, EpisodeBatch, MetaConfig]:
@@ -149,13 +158,14 @@ def bench_config(name: str, config: Config, args: argparse.Namespace, device: to
             meta = dataclasses.replace(cfg, **setting)
             runs[variant] = lambda meta=meta: meta_gradients(G, D, batch, meta).flat
             chunk_of[variant] = min(setting["task_chunk"], config.tasks)
-    reference = per_task_loop(G, D, batch, cfg)
+    reference = in_flat_order(per_task_loop(G, D, batch, cfg), G, D)
     first_calls = {}
     for variant, run in runs.items():  # first calls: correctness, and the compiler's time
         graphs_before = counters["stats"]["unique_graphs"]
         start = time.perf_counter()
         got = run()
         sync(device)
+        got = in_flat_order(got, G, D) if variant == "loop" else got
         diff = ((got - reference).norm() / reference.norm()).item()
         first_calls[variant] = {"first_call_s": time.perf_counter() - start, "rel_diff_vs_loop": diff,
                                 "graphs_compiled": counters["stats"]["unique_graphs"] - graphs_before}

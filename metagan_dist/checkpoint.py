@@ -17,11 +17,14 @@ from typing import Any
 
 import torch
 
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3
 # Formats whose meta-parameters, config and image shape adapt.py and evaluate.py can still read.
 # Resuming needs CHECKPOINT_VERSION itself: version 2 changed the task stream's state (tasks are
-# assigned, not shards), the optimizer (AdamW, not Adam with L2) and added the LR scheduler's state.
-READABLE_VERSIONS = (1, 2)
+# assigned, not shards), the optimizer (AdamW, not Adam with L2) and added the LR scheduler's state;
+# version 3 stores nn.Linear weights transposed in the flat vectors (FlatLayout), so the flat
+# meta-parameters of versions 1 and 2 are converted when read (see TRANSPOSED_LINEAR_SINCE).
+READABLE_VERSIONS = (1, 2, 3)
+TRANSPOSED_LINEAR_SINCE = 3
 
 
 def _fsync_dir(path: Path) -> None:

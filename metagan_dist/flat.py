@@ -16,19 +16,38 @@ from torch.func import functional_call, vmap
 
 
 class FlatLayout:
-    """Where each named parameter of a module lives in its flat vector."""
+    """Where each named parameter of a module lives in its flat vector, and in which order of its values.
 
-    def __init__(self, names: Sequence[str], shapes: Sequence[torch.Size]):
+    A parameter marked `transposed` (2-D) is stored column by column, as its transpose's contiguous
+    values. `FlatLayout.of` marks nn.Linear weights: autograd's gradient of an F.linear weight is the
+    transpose of a contiguous [in, out] product, so stored transposed it goes into the flat buffer as a
+    straight copy instead of a strided transpose (benchmarks/RESULTS.md, issue 11). Views and
+    gradients still have the parameter's own shape; only the flat order differs.
+    """
+
+    def __init__(self, names: Sequence[str], shapes: Sequence[torch.Size], transposed: Sequence[bool] | None = None):
         self.names = list(names)
         self.shapes = [torch.Size(s) for s in shapes]
         self.sizes = [math.prod(s) for s in self.shapes]
         self.numel = sum(self.sizes)
+        self.transposed = [False] * len(self.shapes) if transposed is None else list(transposed)
+        if len(self.transposed) != len(self.shapes):
+            raise ValueError(f"{len(self.transposed)} transposed flags for {len(self.shapes)} parameters")
+        for name, shape, flag in zip(self.names, self.shapes, self.transposed):
+            if flag and len(shape) != 2:
+                raise ValueError(f"only a 2-D parameter can be stored transposed; {name!r} has shape {tuple(shape)}")
 
     @classmethod
     def of(cls, module: nn.Module) -> FlatLayout:
-        """The layout of `module.named_parameters()`, in that order."""
+        """The layout of `module.named_parameters()`, in that order, with nn.Linear weights stored transposed."""
+        linear = {f"{name}.weight" if name else "weight" for name, sub in module.named_modules()
+                  if isinstance(sub, nn.Linear)}
         named = list(module.named_parameters())
-        return cls([n for n, _ in named], [p.shape for _, p in named])
+        return cls([n for n, _ in named], [p.shape for _, p in named], [n in linear for n, _ in named])
+
+    def untransposed(self) -> FlatLayout:
+        """The same parameters with every one stored in its own order (the flat format of checkpoints before version 3)."""
+        return FlatLayout(self.names, self.shapes)
 
     def flatten(self, tensors: Iterable[Tensor | None]) -> Tensor:
         """Tensors shaped like the parameters (in order), with the same leading dims [*lead] (e.g. [T]),
@@ -53,7 +72,8 @@ class FlatLayout:
         if flat.shape[-1] != self.numel:
             raise ValueError(f"flat buffer has {flat.shape[-1]} values per copy, the layout needs {self.numel}")
         lead = flat.shape[:-1]
-        return [chunk.view(*lead, *shape) for chunk, shape in zip(flat.split(self.sizes, dim=-1), self.shapes)]
+        return [chunk.view(*lead, *shape[::-1]).transpose(-1, -2) if flag else chunk.view(*lead, *shape)
+                for chunk, shape, flag in zip(flat.split(self.sizes, dim=-1), self.shapes, self.transposed)]
 
     def views(self, flat: Tensor) -> dict[str, Tensor]:
         """`split` as a name -> view dict, the form functional_call takes."""
@@ -72,11 +92,11 @@ class _Flatten(torch.autograd.Function):
         index, like = next((i, t) for i, t in enumerate(tensors) if t is not None)
         lead = like.shape[: like.dim() - len(layout.shapes[index])]
         flat = like.new_empty(*lead, layout.numel)
-        for piece, tensor, shape in zip(flat.split(layout.sizes, dim=-1), tensors, layout.shapes):
+        for slot, tensor in zip(layout.split(flat), tensors):
             if tensor is None:
-                piece.zero_()
+                slot.zero_()
             else:
-                piece.view(*lead, *shape).copy_(tensor)
+                slot.copy_(tensor)
         return flat
 
     @staticmethod

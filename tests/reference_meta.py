@@ -23,13 +23,32 @@ def generate(G, pg, z, support):
     return forward(G, pg, z, support) if getattr(G, "conditioned", False) else forward(G, pg, z)
 
 
+def _stored_transposed(module):
+    """The flat format's rule, written out again: nn.Linear weights are stored as their transpose's values."""
+    return {id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Linear)}
+
+
 def split_like(module, flat):
-    out, offset = [], 0
+    """A flat vector in the format of `module` as per-parameter tensors (views)."""
+    transposed, out, offset = _stored_transposed(module), [], 0
     for p in module.parameters():
-        out.append(flat[offset : offset + p.numel()].view_as(p))
+        piece = flat[offset : offset + p.numel()]
+        out.append(piece.view(p.shape[1], p.shape[0]).t() if id(p) in transposed else piece.view_as(p))
         offset += p.numel()
     assert offset == flat.numel()
     return out
+
+
+def flat_like(modules, tensors):
+    """Per-parameter tensors of `modules` (in order; a module may repeat) as one vector in their flat format."""
+    tensors, pieces = list(tensors), []
+    for module in modules:
+        transposed = _stored_transposed(module)
+        for p in module.parameters():
+            t = tensors[len(pieces)].detach()
+            pieces.append((t.t() if id(p) in transposed else t).reshape(-1))
+    assert len(pieces) == len(tensors)
+    return torch.cat(pieces)
 
 
 def penalty(D, pd, real, fake, mix):

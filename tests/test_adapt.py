@@ -17,6 +17,7 @@ from metagan_dist.evaluation.adapt import main
 from metagan_dist.evaluation.checkpoint_model import load_meta_learned
 from metagan_dist.evaluation.rules import Rule, parse_rule, start_adaptation
 from metagan_dist.meta import MetaLearner
+import reference_meta as ref
 from train_utils import SHOTS, SQUARES_SHAPE, Z_DIM, make_square_pool, train_tiny_run
 
 PAD = 1  # save_grid's padding between images
@@ -181,6 +182,25 @@ def test_a_checkpoint_of_another_format_version_names_the_file_and_version(run, 
     torch.save({**state, "version": 99}, folder / "trainer.pt")
     err = error_of(capsys, folder, "--images", write_images(tmp_path / "shots", SHOTS))
     assert f"{folder / 'trainer.pt'} has checkpoint format version 99" in err
+
+
+def test_a_version_2_checkpoint_is_read_in_its_untransposed_flat_order(metasgd_run, tmp_path):
+    """Before version 3, every parameter (nn.Linear weights too) was stored in its own order in the flat vectors."""
+    new = load_meta_learned(metasgd_run)
+    folder = Path(shutil.copytree(new.folder, tmp_path / "v2"))
+    engine = torch.load(folder / "engine.pt", weights_only=True)
+    nets = {"generator": new.learner.G.module, "discriminator": new.learner.D.module}
+    for key in ("generator", "discriminator", "generator_lr", "discriminator_lr"):
+        net = nets[key.removesuffix("_lr")]
+        engine["params"][key] = torch.cat([t.reshape(-1) for t in ref.split_like(net, engine["params"][key])])
+    torch.save(engine, folder / "engine.pt")
+    torch.save({**load_trainer_state(folder), "version": 2}, folder / "trainer.pt")
+    old = load_meta_learned(folder)
+    pairs = [(new.learner.G, new.theta_g, old.theta_g), (new.learner.D, new.theta_d, old.theta_d),
+             (new.learner.G, new.inner_lrs[0], old.inner_lrs[0]), (new.learner.D, new.inner_lrs[1], old.inner_lrs[1])]
+    for net, want, got in pairs:
+        assert not torch.equal(want, torch.cat([t.reshape(-1) for t in net.layout.split(want)]))  # the orders differ
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_a_checkpoint_saved_before_newer_keys_loads_as_it_was_trained(run, tmp_path):

@@ -202,6 +202,19 @@ def test_flat_layout_round_trip():
         layout.split(flat[:-1])
 
 
+def test_linear_weights_are_stored_transposed_and_conv_weights_are_not():
+    mlp_g, mlp_d = build_pair("mlp", 4, (1, 6, 6), width=8, support_dim=4)
+    conv_g, conv_d = build_pair("dcgan", 8, (1, 32, 32), width=4, support_dim=4)
+    for net in (mlp_g, mlp_d, conv_g, conv_d):
+        layout = FlatLayout.of(net)
+        linear = {f"{name}.weight" for name, m in net.named_modules() if isinstance(m, torch.nn.Linear)}
+        assert [n for n, t in zip(layout.names, layout.transposed) if t] == [n for n in layout.names if n in linear]
+    assert sum(FlatLayout.of(mlp_g).transposed) == 4 and not any(FlatLayout.of(conv_g).transposed)
+    flat = FlatLayout.of(mlp_g).flatten(mlp_g.parameters())
+    weight = mlp_g.body.net[0].weight  # [hidden, z + code]: stored as its columns, one after the other
+    assert torch.equal(flat[: weight.numel()], weight.detach().t().reshape(-1))
+
+
 @pytest.mark.parametrize("arch,shape", [("mlp", (1, 8, 8)), ("dcgan", (1, 32, 32))])
 def test_batched_net_equals_each_task_run_alone(arch, shape):
     G, _ = build_pair(arch, 4, shape, width=4)

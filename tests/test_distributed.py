@@ -8,6 +8,7 @@ from metagan_dist import EpisodeBatch, MetaConfig, build_pair, meta_gradients
 from metagan_dist.config import OptimConfig
 from metagan_dist.distributed import AgreedError, DistContext, agree, verify_replicas
 from metagan_dist.engine import MetaParameters, TorchEngine, agree_and_step
+from metagan_dist.flat import FlatLayout
 
 SPLIT = (1, 3)  # uneven tasks per rank: the global mean must weight each task, not each rank
 
@@ -20,8 +21,7 @@ def setup(algorithm):
     tasks = sum(SPLIT)
     batch = EpisodeBatch.sample(torch.rand(tasks, 3, 1, 6, 6, generator=gen) * 2 - 1,
                                 torch.rand(tasks, 3, 1, 6, 6, generator=gen) * 2 - 1, 2, 4, generator=gen)
-    theta_g = torch.cat([p.detach().reshape(-1) for p in G.parameters()])
-    theta_d = torch.cat([p.detach().reshape(-1) for p in D.parameters()])
+    theta_g, theta_d = (FlatLayout.of(net).flatten(p.detach() for p in net.parameters()) for net in (G, D))
     params = MetaParameters(theta_g, theta_d, inner_lr=0.1 if algorithm == "metasgd" else None)
     ctx = DistContext(0, 1, 0, 1, torch.device("cpu"))
     # Plain SGD, so that the parameter change is -lr times the averaged meta-gradient, exactly enough to compare.

@@ -283,18 +283,28 @@ def test_chunked_and_compiled_steps_on_cuda(fresh_compiled, caplog):
 
 # ---- the flat buffers under the step ----
 
-def test_flatten_writes_any_strides_and_unflatten_is_its_inverse():
-    layout = FlatLayout(["w", "b"], [(3, 2), (3,)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_flatten_writes_any_strides_and_unflatten_is_its_inverse(transposed):
+    layout = FlatLayout(["w", "b"], [(3, 2), (3,)], [transposed, False])
     w = torch.randn(4, 2, 3, dtype=torch.float64).mT  # [T, 3, 2], transposed strides
     b = torch.randn(4, 3, dtype=torch.float64)
     flat = layout.flatten([w, b])
-    torch.testing.assert_close(flat, torch.cat([w.reshape(4, -1), b], dim=1), rtol=0, atol=0)
+    stored = w.mT if transposed else w  # a transposed slot holds w's columns one after the other
+    torch.testing.assert_close(flat, torch.cat([stored.reshape(4, -1), b], dim=1), rtol=0, atol=0)
     assert all(torch.equal(x, y) for x, y in zip(layout.unflatten(flat), (w, b)))
     torch.testing.assert_close(layout.flatten([None, b])[:, :6], torch.zeros(4, 6, dtype=torch.float64))
 
 
-def test_flatten_and_unflatten_are_differentiable_twice():
-    layout = FlatLayout(["w", "b"], [(3, 2), (3,)])
+def test_only_2d_parameters_can_be_stored_transposed():
+    with pytest.raises(ValueError, match="only a 2-D parameter can be stored transposed; 'b' has shape \\(3,\\)"):
+        FlatLayout(["w", "b"], [(3, 2), (3,)], [True, True])
+    with pytest.raises(ValueError, match="1 transposed flags for 2 parameters"):
+        FlatLayout(["w", "b"], [(3, 2), (3,)], [True])
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_flatten_and_unflatten_are_differentiable_twice(transposed):
+    layout = FlatLayout(["w", "b"], [(3, 2), (3,)], [transposed, False])
     w = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     flat = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)

@@ -28,7 +28,7 @@ def make_batch(G, steps, seed=1):
 
 
 def flat_params(module):
-    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+    return ref.flat_like([module], module.parameters())
 
 
 def mean_objective(cfg, G, D, theta_g, theta_d, batch, part):
@@ -69,7 +69,7 @@ def reference_grads(cfg, G, D, batch, lrs=None, trap=False):
             grads = ref.fomaml_task_grads(cfg, G, D, theta_g, theta_d, task)
         else:
             grads = ref.reptile_task_delta(cfg, G, D, theta_g, theta_d, task)
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = ref.flat_like([G, D] * (1 if lrs is None else 2), grads)
         total = flat if total is None else total + flat
     return total / batch.tasks
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from metagan_dist.checkpoint import load_trainer_state, resolve_checkpoint
+from metagan_dist.checkpoint import TRANSPOSED_LINEAR_SINCE, load_trainer_state, resolve_checkpoint
 from metagan_dist.config import TrainConfig, from_dict
 from metagan_dist.engine import load_meta_parameters
+from metagan_dist.flat import FlatLayout
 from metagan_dist.meta import MetaLearner
 
 
@@ -61,7 +62,11 @@ def load_meta_learned(
         if theta.numel() != net.layout.numel:
             raise ValueError(f"{folder}: its {role} has {theta.numel()} values but its config's model {config.model} "
                              f"has {net.layout.numel}")
-    rates = params.inner_lrs()
+    theta_g, theta_d, rates = params.generator, params.discriminator, params.inner_lrs()
+    if state["version"] < TRANSPOSED_LINEAR_SINCE:  # written in the untransposed flat order: convert
+        layouts = (learner.G.layout, learner.D.layout)
+        theta_g, theta_d = (_from_untransposed(layout, flat) for layout, flat in zip(layouts, (theta_g, theta_d)))
+        rates = None if rates is None else tuple(_from_untransposed(lo, flat) for lo, flat in zip(layouts, rates))
     return MetaLearnedGAN(
         folder=folder,
         step=int(state["step"]),
@@ -69,7 +74,12 @@ def load_meta_learned(
         config=config,
         image_shape=image_shape,
         learner=learner,
-        theta_g=params.generator.detach().to(device),
-        theta_d=params.discriminator.detach().to(device),
+        theta_g=theta_g.detach().to(device),
+        theta_d=theta_d.detach().to(device),
         inner_lrs=None if rates is None else tuple(r.detach().to(device) for r in rates),
     )
+
+
+def _from_untransposed(layout: FlatLayout, flat: Tensor) -> Tensor:
+    """A flat vector of a checkpoint before version 3 (every parameter in its own order) in `layout`'s order."""
+    return layout.flatten(layout.untransposed().split(flat.detach()))
