@@ -46,7 +46,7 @@ class FlatLayout:
         return cls([n for n, _ in named], [p.shape for _, p in named], [n in linear for n, _ in named])
 
     def untransposed(self) -> FlatLayout:
-        """The same parameters with every one stored in its own order (the flat format of checkpoints before version 3)."""
+        """The same parameters, each stored in its own order (the flat format of checkpoints before version 3)."""
         return FlatLayout(self.names, self.shapes)
 
     def flatten(self, tensors: Iterable[Tensor | None]) -> Tensor:

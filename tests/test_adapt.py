@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import reference_meta as ref
 from metagan_dist import MetaConfig, build_pair
 from metagan_dist.checkpoint import load_trainer_state
 from metagan_dist.data import Pool
@@ -17,7 +18,6 @@ from metagan_dist.evaluation.adapt import main
 from metagan_dist.evaluation.checkpoint_model import load_meta_learned
 from metagan_dist.evaluation.rules import Rule, parse_rule, start_adaptation
 from metagan_dist.meta import MetaLearner
-import reference_meta as ref
 from train_utils import SHOTS, SQUARES_SHAPE, Z_DIM, make_square_pool, train_tiny_run
 
 PAD = 1  # save_grid's padding between images
