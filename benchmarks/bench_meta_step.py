@@ -107,7 +107,7 @@ def in_flat_order(loop_grad: torch.Tensor, G: nn.Module, D: nn.Module) -> torch.
     """The loop's meta-gradient (each parameter in its own order) in MetaGradients.flat's order (FlatLayout's)."""
     layouts = FlatLayout.of(G), FlatLayout.of(D)
     pieces = loop_grad.split([layout.numel for layout in layouts])
-    return torch.cat([layout.flatten(layout.untransposed().split(x)) for layout, x in zip(layouts, pieces)])
+    return torch.cat([layout.from_untransposed(x) for layout, x in zip(layouts, pieces)])
 
 
 def setup(config: Config, device: torch.device) -> tuple[nn.Module, nn.Module, EpisodeBatch, MetaConfig]:

@@ -45,9 +45,10 @@ class FlatLayout:
         named = list(module.named_parameters())
         return cls([n for n, _ in named], [p.shape for _, p in named], [n in linear for n, _ in named])
 
-    def untransposed(self) -> FlatLayout:
-        """The same parameters, each stored in its own order (the flat format of checkpoints before version 3)."""
-        return FlatLayout(self.names, self.shapes)
+    def from_untransposed(self, flat: Tensor) -> Tensor:
+        """A [..., P] buffer with every parameter in its own order (no weight transposed: the flat format of
+        checkpoints before version 3, or a per-parameter concatenation) in this layout's order; a new buffer."""
+        return self.flatten(FlatLayout(self.names, self.shapes).split(flat))
 
     def flatten(self, tensors: Iterable[Tensor | None]) -> Tensor:
         """Tensors shaped like the parameters (in order), with the same leading dims [*lead] (e.g. [T]),

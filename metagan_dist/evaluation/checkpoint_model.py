@@ -12,7 +12,6 @@ from torch import Tensor
 from metagan_dist.checkpoint import TRANSPOSED_LINEAR_SINCE, load_trainer_state, resolve_checkpoint
 from metagan_dist.config import TrainConfig, from_dict
 from metagan_dist.engine import load_meta_parameters
-from metagan_dist.flat import FlatLayout
 from metagan_dist.meta import MetaLearner
 
 
@@ -64,9 +63,10 @@ def load_meta_learned(
                              f"has {net.layout.numel}")
     theta_g, theta_d, rates = params.generator, params.discriminator, params.inner_lrs()
     if state["version"] < TRANSPOSED_LINEAR_SINCE:  # written in the untransposed flat order: convert
-        layouts = (learner.G.layout, learner.D.layout)
-        theta_g, theta_d = (_from_untransposed(layout, flat) for layout, flat in zip(layouts, (theta_g, theta_d)))
-        rates = None if rates is None else tuple(_from_untransposed(lo, flat) for lo, flat in zip(layouts, rates))
+        layout_g, layout_d = learner.G.layout, learner.D.layout
+        theta_g, theta_d = layout_g.from_untransposed(theta_g.detach()), layout_d.from_untransposed(theta_d.detach())
+        if rates is not None:
+            rates = layout_g.from_untransposed(rates[0].detach()), layout_d.from_untransposed(rates[1].detach())
     return MetaLearnedGAN(
         folder=folder,
         step=int(state["step"]),
@@ -78,8 +78,3 @@ def load_meta_learned(
         theta_d=theta_d.detach().to(device),
         inner_lrs=None if rates is None else tuple(r.detach().to(device) for r in rates),
     )
-
-
-def _from_untransposed(layout: FlatLayout, flat: Tensor) -> Tensor:
-    """A flat vector of a checkpoint before version 3 (every parameter in its own order) in `layout`'s order."""
-    return layout.flatten(layout.untransposed().split(flat.detach()))
