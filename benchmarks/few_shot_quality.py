@@ -1,7 +1,10 @@
 """Few-shot quality on the glyphs pool: meta-train the recipe, evaluate it against the baselines, check the targets.
 
-    python benchmarks/few_shot_quality.py                     # the RESULTS.md figures (about 35 min on 2 CPU cores)
-    python benchmarks/few_shot_quality.py --tasks 20 --seeds 1 --train-seeds 1 --quick-steps 300 --long-steps 300  # smoke run
+    python benchmarks/few_shot_quality.py      # the RESULTS.md figures (about 30 min on 2 CPU cores)
+
+A smoke run, with fewer tasks, seeds and meta-steps:
+
+    python benchmarks/few_shot_quality.py --tasks 20 --seeds 1 --train-seeds 1 --quick-steps 300 --long-steps 300
 
 1. Meta-trains the recipe with launch/train.py: the quick start (its defaults, as `make train` runs
    them) once per training seed (`--train-seeds`, run.seed = 0, 1, ...), and the longer CPU run
@@ -172,7 +175,8 @@ def target_lines(report: dict, members: dict[str, list[str]]) -> tuple[list[str]
         mean, spread = value
         verdict = "met" if mean >= threshold else f"MISSED by {threshold - mean:.2f}"
         missed += [] if mean >= threshold else [name]
-        lines.append(f"- {what}: {mean:.2f} (± {spread:.2f} over runs x tasks x seeds), target >= {threshold}: {verdict}")
+        spread_text = f"± {spread:.2f} over runs x tasks x seeds"
+        lines.append(f"- {what}: {mean:.2f} ({spread_text}), target >= {threshold}: {verdict}")
     return lines, missed
 
 
