@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -141,6 +142,25 @@ def task_dim(flat: Tensor) -> int | None:
     return 0 if flat.dim() == 2 else None
 
 
+class Unflattened(NamedTuple):
+    """A flat buffer ([P] shared by all tasks, or [T, P]) with its per-parameter views, unflattened once.
+
+    Why once: consumers that share the views add up their gradients per parameter, and autograd
+    flattens the sum into one [T, P] gradient after the last consumer, once the buffer itself can be
+    freed. Unflattened once per consumer, each consumer's [T, P] gradient is flattened (a new buffer
+    next to the per-parameter gradients) while the buffer is still alive: the peak memory of the
+    meta-step (benchmarks/RESULTS.md, issue 11).
+    """
+
+    flat: Tensor
+    params: tuple[Tensor, ...]
+
+    @property
+    def in_dim(self) -> int | None:
+        """vmap's in_dim of the views (`task_dim` of the buffer)."""
+        return task_dim(self.flat)
+
+
 class BatchedNet:
     """A module used as a functional template: forward T task copies from a [T, P] buffer.
 
@@ -153,11 +173,16 @@ class BatchedNet:
         self.module = module
         self.layout = FlatLayout.of(module)
 
-    def __call__(self, flat: Tensor, *inputs: Tensor) -> Tensor:
-        """flat [T, P] or shared [P], inputs [T, ...] each -> [T, n, ...]: task t runs on its inputs with flat[t]
-        (or flat)."""
-        in_dims = (task_dim(flat),) + (0,) * len(inputs)
-        return vmap(self.single, in_dims=in_dims)(self.layout.unflatten(flat), *inputs)
+    def unflatten(self, theta: Tensor | Unflattened) -> Unflattened:
+        """A flat buffer with its views (`FlatLayout.unflatten`); one that has them already, as it is."""
+        return theta if isinstance(theta, Unflattened) else Unflattened(theta, self.layout.unflatten(theta))
+
+    def __call__(self, theta: Tensor | Unflattened, *inputs: Tensor) -> Tensor:
+        """theta [T, P] or shared [P] (or either with its views), inputs [T, ...] each -> [T, n, ...]: task t
+        runs on its inputs with theta[t] (or theta)."""
+        theta = self.unflatten(theta)
+        in_dims = (theta.in_dim,) + (0,) * len(inputs)
+        return vmap(self.single, in_dims=in_dims)(theta.params, *inputs)
 
     def single(self, params: Sequence[Tensor], *inputs: Tensor) -> Tensor:
         """One task: its parameters (FlatLayout.unflatten of its [P]), inputs (e.g. x [n, ...]) -> [n, ...].

@@ -34,7 +34,7 @@ from torch.func import grad, vmap
 from kernels import reptile_delta
 from metagan_dist.compiling import Compiled
 from metagan_dist.episode import EpisodeBatch
-from metagan_dist.flat import BatchedNet, task_dim
+from metagan_dist.flat import BatchedNet, Unflattened
 from metagan_dist.inner import INNER_RULES, InnerAdam, InnerRule, InnerSGD
 from metagan_dist.losses import LOSSES, discriminator_loss, generator_loss, gradient_penalty
 from metagan_dist.models import median_filter
@@ -45,6 +45,7 @@ FIRST_ORDER = ("fomaml", "reptile")  # the algorithms that never differentiate t
 OBJECTIVES = ("seed", "split")
 REDUCTIONS = ("mean", "sum")
 Params = tuple[Tensor, ...]  # one network's parameters, in order (FlatLayout.unflatten of a flat buffer)
+Theta = Tensor | Unflattened  # one network's flat parameters ([P] shared or [T, P]), or those with their views
 # Tasks per chunk of the meta-step unless meta.task_chunk says otherwise: chosen on the 2-core CPU by
 # benchmarks/bench_meta_step.py (RESULTS.md); on a GPU take the largest chunk that fits in memory.
 DEFAULT_TASK_CHUNK = 16
@@ -142,18 +143,25 @@ class Adaptation:
         self.learner, self.tasks, self.create_graph = learner, tasks, create_graph
         self.rule_g, self.rule_d = rules
         # Shared [P] until the player's first step: never copied T times (BatchedNet maps it unbatched).
-        self._theta_g, self._theta_d = theta_g, theta_d
+        # Each θ is unflattened once and all its consumers share the views (flat.Unflattened), the query too:
+        # so the views are made outside _inner_graph, where the meta-gradient can follow them.
+        self._theta_g, self._theta_d = learner.G.unflatten(theta_g), learner.D.unflatten(theta_d)
         self.state_g, self.state_d = self.rule_g.start(theta_g, tasks), self.rule_d.start(theta_d, tasks)
 
     @property
     def generator(self) -> Tensor:
         """θ_G of every task copy [T, P_G] (a broadcast view before the first step)."""
-        return self._theta_g.expand(self.tasks, -1)
+        return self._theta_g.flat.expand(self.tasks, -1)
 
     @property
     def discriminator(self) -> Tensor:
         """θ_D of every task copy [T, P_D]."""
-        return self._theta_d.expand(self.tasks, -1)
+        return self._theta_d.flat.expand(self.tasks, -1)
+
+    @property
+    def parameters(self) -> tuple[Unflattened, Unflattened]:
+        """(θ_G, θ_D) as they are ([P] shared before the player's first step, else [T, P]), with their views."""
+        return self._theta_g, self._theta_d
 
     def advance(self, support: Tensor, noise: Tensor, mix: Tensor) -> None:
         """len(noise) more inner steps on support [T, k, C, H, W]; noise [S, T, n, z], mix [S, T, n]."""
@@ -161,13 +169,15 @@ class Adaptation:
         for z, m in zip(noise, mix):
             with _inner_graph(self.create_graph):
                 grad_g = learner.g_grad(self._theta_g, self._theta_d, z, support)
-            self._theta_g = self.rule_g.step(self._theta_g, grad_g, self.state_g)
+            self._theta_g = learner.G.unflatten(self.rule_g.step(self._theta_g.flat, grad_g, self.state_g))
+            del grad_g  # the G step's [T, P_G] gradient: freed now, not while D steps allocate theirs
             with _inner_graph(self.create_graph):
                 fake = learner.generate(self._theta_g, z, support)
             for _ in range(learner.config.d_steps):
                 with _inner_graph(self.create_graph):
                     grad_d = learner.d_grad(self._theta_d, support, fake, m)
-                self._theta_d = self.rule_d.step(self._theta_d, grad_d, self.state_d)
+                self._theta_d = learner.D.unflatten(self.rule_d.step(self._theta_d.flat, grad_d, self.state_d))
+                del grad_d
 
 
 class MetaLearner:
@@ -217,18 +227,19 @@ class MetaLearner:
         fake_logits = self.D.single(params_d, fake)
         return generator_loss(self.config.loss, fake_logits), self.task_d_loss(params_d, query, fake, mix, fake_logits)
 
-    # ---- T tasks: flat parameters shared [P] or per task [T, P], everything else [T, ...] ----
+    # ---- T tasks: flat parameters shared [P] or per task [T, P] (Theta: maybe with their views), everything else
+    # [T, ...] ----
 
     def _mix(self, mix: Tensor) -> tuple[Tensor | None, int | None]:
         """wgan-gp's interpolation weights and their vmap in_dim; the other losses take none."""
         return (mix, 0) if self.config.loss == "wgan-gp" else (None, None)
 
-    def generate(self, theta_g: Tensor, noise: Tensor, support: Tensor) -> Tensor:
+    def generate(self, theta_g: Theta, noise: Tensor, support: Tensor) -> Tensor:
         """Fakes of every task [T, n, C, H, W] from θ_G ([T, P_G] or shared [P_G]), noise [T, n, z] and the
         support [T, k, C, H, W] (which only a conditioned G looks at)."""
         return self.G(theta_g, noise, support) if self.conditioned else self.G(theta_g, noise)
 
-    def sample(self, theta_g: Tensor, noise: Tensor, support: Tensor) -> Tensor:
+    def sample(self, theta_g: Theta, noise: Tensor, support: Tensor) -> Tensor:
         """Samples to show or score: `generate`, then the generator's `sample_median` filter if it has one.
 
         The inner loop's fakes stay unfiltered (`generate`): D judges what G's weights draw.
@@ -237,27 +248,26 @@ class MetaLearner:
         radius = getattr(self.G.module, "sample_median", 0)
         return median_filter(images, radius) if radius else images
 
-    def g_grad(self, theta_g: Tensor, theta_d: Tensor, noise: Tensor, support: Tensor) -> Tensor:
+    def g_grad(self, theta_g: Theta, theta_d: Theta, noise: Tensor, support: Tensor) -> Tensor:
         """∂L_G/∂θ_G of every task [T, P_G], θ_D held fixed."""
-        params = self.G.layout.unflatten(theta_g), self.D.layout.unflatten(theta_d)
-        in_dims = (task_dim(theta_g), task_dim(theta_d), 0, 0)
-        return self.G.layout.flatten(vmap(grad(self.task_g_loss), in_dims=in_dims)(*params, noise, support))
+        g, d = self.G.unflatten(theta_g), self.D.unflatten(theta_d)
+        in_dims = (g.in_dim, d.in_dim, 0, 0)
+        return self.G.layout.flatten(vmap(grad(self.task_g_loss), in_dims=in_dims)(g.params, d.params, noise, support))
 
-    def d_grad(self, theta_d: Tensor, real: Tensor, fake: Tensor, mix: Tensor) -> Tensor:
+    def d_grad(self, theta_d: Theta, real: Tensor, fake: Tensor, mix: Tensor) -> Tensor:
         """∂L_D/∂θ_D of every task [T, P_D], the fakes (and the G they came from) held fixed."""
         mix, mix_dim = self._mix(mix)
-        grads = vmap(grad(self.task_d_loss), in_dims=(task_dim(theta_d), 0, 0, mix_dim))(
-            self.D.layout.unflatten(theta_d), real, fake, mix
-        )
+        d = self.D.unflatten(theta_d)
+        grads = vmap(grad(self.task_d_loss), in_dims=(d.in_dim, 0, 0, mix_dim))(d.params, real, fake, mix)
         return self.D.layout.flatten(grads)
 
-    def query_losses(self, theta_g: Tensor, theta_d: Tensor, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
+    def query_losses(self, theta_g: Theta, theta_d: Theta, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
         """L_G and L_D per task [T] on the query set, at (adapted) parameters [T, P] (or shared [P])."""
         mix, mix_dim = self._mix(batch.query_mix)
-        params = self.G.layout.unflatten(theta_g), self.D.layout.unflatten(theta_d)
-        in_dims = (task_dim(theta_g), task_dim(theta_d), 0, 0, 0, mix_dim)
-        return vmap(self.task_query_losses, in_dims=in_dims)(*params, batch.support, batch.query, batch.query_noise,
-                                                             mix)
+        g, d = self.G.unflatten(theta_g), self.D.unflatten(theta_d)
+        in_dims = (g.in_dim, d.in_dim, 0, 0, 0, mix_dim)
+        return vmap(self.task_query_losses, in_dims=in_dims)(g.params, d.params, batch.support, batch.query,
+                                                             batch.query_noise, mix)
 
     def inner_rules(self, inner_lrs: tuple[Tensor, Tensor] | None = None) -> tuple[InnerRule, InnerRule]:
         """The meta-learned inner rule of (G, D): the config's SGD or Adam, or SGD at Meta-SGD's rates `inner_lrs`."""
@@ -308,12 +318,13 @@ class MetaLearner:
         """
         cfg = self.config
         rules = self.inner_rules(rates if cfg.algorithm == "metasgd" else None)
-        adapted_g, adapted_d = self.adapt(theta_g, theta_d, batch.support, batch.inner_noise, batch.inner_mix, rules,
-                                          create_graph=cfg.algorithm not in FIRST_ORDER)
-        loss_g, loss_d = self.query_losses(adapted_g, adapted_d, batch)
+        adaptation = self.start_adaptation(theta_g, theta_d, batch.tasks, rules,
+                                           create_graph=cfg.algorithm not in FIRST_ORDER)
+        adaptation.advance(batch.support, batch.inner_noise, batch.inner_mix)
+        loss_g, loss_d = self.query_losses(*adaptation.parameters, batch)  # the views the inner loop used
         if cfg.algorithm != "reptile":
             return loss_g, loss_d
-        tasks = batch.tasks
+        tasks, adapted_g, adapted_d = batch.tasks, adaptation.generator, adaptation.discriminator
         return tasks * reptile_delta(theta_g, adapted_g), tasks * reptile_delta(theta_d, adapted_d), loss_g.sum(), loss_d.sum()
 
     def meta_gradient(
@@ -476,7 +487,7 @@ def meta_gradients(
         for piece, g in zip(pieces, grads):
             piece.add_(g)
         loss_g, loss_d = loss_g + chunk_g, loss_d + chunk_d
-        del grads  # the chunk's graph is gone before the next chunk builds its own
+        del grads, g  # the chunk's gradients are gone before the next chunk builds its graph
     scale = 1.0 / batch.tasks if reduction == "mean" else 1.0
     flat.mul_(scale)
     return MetaGradients(
