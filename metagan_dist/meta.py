@@ -48,7 +48,7 @@ Params = tuple[Tensor, ...]  # one network's parameters, in order (FlatLayout.un
 Theta = Tensor | Unflattened  # one network's flat parameters ([P] shared or [T, P]), or those with their views
 # Tasks per chunk of the meta-step unless meta.task_chunk says otherwise: chosen on the 2-core CPU by
 # benchmarks/bench_meta_step.py (RESULTS.md); on a GPU take the largest chunk that fits in memory.
-DEFAULT_TASK_CHUNK = 16
+DEFAULT_TASK_CHUNK = 8
 
 logger = logging.getLogger(__name__)
 
