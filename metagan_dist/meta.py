@@ -227,8 +227,7 @@ class MetaLearner:
         fake_logits = self.D.single(params_d, fake)
         return generator_loss(self.config.loss, fake_logits), self.task_d_loss(params_d, query, fake, mix, fake_logits)
 
-    # ---- T tasks: flat parameters shared [P] or per task [T, P] (Theta: maybe with their views), everything else
-    # [T, ...] ----
+    # ---- T tasks: θ shared [P] or per task [T, P] (a Theta: maybe with its views); everything else [T, ...] ----
 
     def _mix(self, mix: Tensor) -> tuple[Tensor | None, int | None]:
         """wgan-gp's interpolation weights and their vmap in_dim; the other losses take none."""
