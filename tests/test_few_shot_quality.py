@@ -12,6 +12,7 @@ _SPEC = importlib.util.spec_from_file_location("few_shot_quality", _PATH)
 fsq = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(fsq)
 
+
 def summary(values: np.ndarray) -> dict:
     return {"mean": float(values.mean()), "std": float(values.std()), "n": values.size}
 
