@@ -77,6 +77,10 @@ class MetaConfig:
     inner_beta1: float = opt(0.0, "β1 of the inner Adam (0: no momentum, Reptile's few-shot recipe)", check=below_one())
     inner_beta2: float = opt(0.999, "β2 of the inner Adam", check=below_one())
     d_steps: int = opt(1, "discriminator steps per generator step in every inner step", check=at_least(1))
+    g_average: float = opt(0.0, "decay β of the running average of G's inner iterates that samples, the query and "
+                                "Reptile's step use: Σ_s β^(S−s) θ_G^s / Σ_s β^(S−s) over the G after each inner "
+                                "step s; 0 = the last iterate. Averaging cancels the back-and-forth of inner steps "
+                                "(speckle) and keeps what they agree on", check=below_one())
     task_chunk: int = opt(DEFAULT_TASK_CHUNK, "tasks adapted at once: the T tasks of a meta-step go through in "
                                               "chunks of this many and their meta-gradients are summed; peak "
                                               "memory grows with it, not with T (larger than T: clamped to T)",
@@ -133,25 +137,40 @@ class Adaptation:
 
     One inner step (DESIGN.md): a G step, then `d_steps` D steps against the adapted G, each on the
     player's PARTIAL derivative (`MetaLearner.g_grad`, `d_grad`). Meta-training, the sample grids
-    and the adapt and evaluate tools all adapt through this one loop.
+    and the adapt and evaluate tools all adapt through this one loop. With `g_average` β > 0, the
+    adapted G (what samples and the query come from) is the β-weighted average of G's iterates;
+    the inner steps themselves always run from the last iterate.
     """
 
     def __init__(
         self, learner: MetaLearner, theta_g: Tensor, theta_d: Tensor, tasks: int,
-        rules: tuple[InnerRule, InnerRule], create_graph: bool,
+        rules: tuple[InnerRule, InnerRule], create_graph: bool, g_average: float = 0.0,
     ):
-        self.learner, self.tasks, self.create_graph = learner, tasks, create_graph
+        self.learner, self.tasks, self.create_graph, self.g_average = learner, tasks, create_graph, g_average
         self.rule_g, self.rule_d = rules
         # Shared [P] until the player's first step: never copied T times (BatchedNet maps it unbatched).
         # Each θ is unflattened once and all its consumers share the views (flat.Unflattened), the query too:
         # so the views are made outside _inner_graph, where the meta-gradient can follow them.
         self._theta_g, self._theta_d = learner.G.unflatten(theta_g), learner.D.unflatten(theta_d)
         self.state_g, self.state_d = self.rule_g.start(theta_g, tasks), self.rule_d.start(theta_d, tasks)
+        # g_average: Σ_s β^(S−s) θ_G^s and Σ_s β^(S−s) over the iterates so far, and the average's views.
+        self._g_sum: Tensor | None = None
+        self._g_weight = 0.0
+        self._g_adapted: Unflattened | None = None
+
+    @property
+    def adapted_generator(self) -> Unflattened:
+        """The adapted θ_G with its views: the last iterate, or with g_average the average of the iterates."""
+        if self._g_sum is None:
+            return self._theta_g
+        if self._g_adapted is None:
+            self._g_adapted = self.learner.G.unflatten(self._g_sum / self._g_weight)
+        return self._g_adapted
 
     @property
     def generator(self) -> Tensor:
-        """θ_G of every task copy [T, P_G] (a broadcast view before the first step)."""
-        return self._theta_g.flat.expand(self.tasks, -1)
+        """The adapted θ_G of every task copy [T, P_G] (a broadcast view before the first step)."""
+        return self.adapted_generator.flat.expand(self.tasks, -1)
 
     @property
     def discriminator(self) -> Tensor:
@@ -160,8 +179,9 @@ class Adaptation:
 
     @property
     def parameters(self) -> tuple[Unflattened, Unflattened]:
-        """(θ_G, θ_D) as they are ([P] shared before the player's first step, else [T, P]), with their views."""
-        return self._theta_g, self._theta_d
+        """The adapted (θ_G, θ_D) as they are ([P] shared before the player's first step, else [T, P]), with their
+        views."""
+        return self.adapted_generator, self._theta_d
 
     def advance(self, support: Tensor, noise: Tensor, mix: Tensor) -> None:
         """len(noise) more inner steps on support [T, k, C, H, W]; noise [S, T, n, z], mix [S, T, n]."""
@@ -171,6 +191,11 @@ class Adaptation:
                 grad_g = learner.g_grad(self._theta_g, self._theta_d, z, support)
             self._theta_g = learner.G.unflatten(self.rule_g.step(self._theta_g.flat, grad_g, self.state_g))
             del grad_g  # the G step's [T, P_G] gradient: freed now, not while D steps allocate theirs
+            if self.g_average:
+                latest = self._theta_g.flat
+                self._g_sum = latest if self._g_sum is None else self.g_average * self._g_sum + latest
+                self._g_weight = self.g_average * self._g_weight + 1.0
+                self._g_adapted = None
             with _inner_graph(self.create_graph):
                 fake = learner.generate(self._theta_g, z, support)
             for _ in range(learner.config.d_steps):
@@ -284,9 +309,12 @@ class MetaLearner:
         tasks: int,
         rules: tuple[InnerRule, InnerRule] | None = None,
         create_graph: bool = False,
+        g_average: float | None = None,
     ) -> Adaptation:
-        """T = `tasks` copies of (θ_G, θ_D) ([P] shared or [T, P]) to adapt with `rules` (default: inner_rules())."""
-        return Adaptation(self, theta_g, theta_d, tasks, rules or self.inner_rules(), create_graph)
+        """T = `tasks` copies of (θ_G, θ_D) ([P] shared or [T, P]) to adapt with `rules` (default: inner_rules()),
+        G's iterates averaged with decay `g_average` (default: meta.g_average)."""
+        g_average = self.config.g_average if g_average is None else g_average
+        return Adaptation(self, theta_g, theta_d, tasks, rules or self.inner_rules(), create_graph, g_average)
 
     def adapt(
         self,

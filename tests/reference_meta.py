@@ -107,24 +107,37 @@ class PlainAdam:
         return [p - size * m / ((v / (1 - self.b2**self.k)).sqrt() + self.eps) for p, m, v in zip(params, self.m, self.v)]
 
 
+def averaged(cfg, iterates):
+    """The adapted G: the last of G's iterates, or with cfg.g_average β > 0 their average weighted β^(S−s)."""
+    beta = cfg.g_average
+    if not beta:
+        return iterates[-1]
+    weights = [beta ** (len(iterates) - 1 - s) for s in range(len(iterates))]
+    return [sum(w * it[i] for w, it in zip(weights, iterates)) / sum(weights) for i in range(len(iterates[0]))]
+
+
 def objective_values(cfg, G, D, pg, pd, task, lrs=None):
     """(L_G, L_D) on the query after the inner loop; inner gradients at detached leaves (values only).
 
     Each inner step: a G step, then cfg.d_steps D steps against the adapted G, with SGD (at
-    cfg.inner_lr or the per-tensor rates `lrs`) or Adam (cfg.inner_rule).
+    cfg.inner_lr or the per-tensor rates `lrs`) or Adam (cfg.inner_rule). The query (and the
+    returned G) uses `averaged` G iterates.
     """
     lr_g, lr_d = lrs if lrs is not None else ([cfg.inner_lr] * len(pg), [cfg.inner_lr] * len(pd))
     pg, pd = [p.detach() for p in pg], [p.detach() for p in pd]
     adam = cfg.inner_rule == "adam"
     opt_g, opt_d = (PlainAdam(cfg, pg), PlainAdam(cfg, pd)) if adam else (None, None)
+    iterates = []
     for z, mix in zip(task["noise"], task["mix"]):
         leaves = [p.clone().requires_grad_() for p in pg]
         grads = torch.autograd.grad(g_loss(cfg, G, D, leaves, pd, z, task["support"]), leaves)
         pg = opt_g.step(pg, grads) if adam else [p - lr * g for p, lr, g in zip(pg, lr_g, grads)]
+        iterates.append(pg)
         for _ in range(cfg.d_steps):
             leaves = [p.clone().requires_grad_() for p in pd]
             grads = torch.autograd.grad(d_loss(cfg, G, D, pg, leaves, task["support"], z, mix, task["support"]), leaves)
             pd = opt_d.step(pd, grads) if adam else [p - lr * g for p, lr, g in zip(pd, lr_d, grads)]
+    pg = averaged(cfg, iterates)
     with torch.enable_grad():
         lg = g_loss(cfg, G, D, pg, pd, task["query_noise"], task["support"])
         ld = d_loss(cfg, G, D, pg, pd, task["query"], task["query_noise"], task["query_mix"], task["support"])
@@ -139,15 +152,18 @@ def maml_task_grads(cfg, G, D, theta_g, theta_d, task, lrs=None, trap=False):
     """
     lr_g, lr_d = lrs if lrs is not None else ([cfg.inner_lr] * len(theta_g), [cfg.inner_lr] * len(theta_d))
     pg, pd = list(theta_g), list(theta_d)
+    iterates = []
     for z, mix in zip(task["noise"], task["mix"]):
         alias = [p.clone() for p in pg]
         grads = torch.autograd.grad(g_loss(cfg, G, D, alias, pd, z, task["support"]), alias, create_graph=True)
         pg = [p - lr * g for p, lr, g in zip(pg, lr_g, grads)]
+        iterates.append(pg)
         for _ in range(cfg.d_steps):
             alias = pd if trap else [p.clone() for p in pd]
             loss = d_loss(cfg, G, D, pg, alias, task["support"], z, mix, task["support"])
             grads = torch.autograd.grad(loss, alias, create_graph=True)
             pd = [p - lr * g for p, lr, g in zip(pd, lr_d, grads)]
+    pg = averaged(cfg, iterates)
     lg = g_loss(cfg, G, D, pg, pd, task["query_noise"], task["support"])
     ld = d_loss(cfg, G, D, pg, pd, task["query"], task["query_noise"], task["query_mix"], task["support"])
     g_in, d_in = list(theta_g), list(theta_d)

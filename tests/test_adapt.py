@@ -107,6 +107,16 @@ def test_sample_median_filters_the_samples_and_overrides_the_checkpoints_radius(
     assert "--sample-median must be >= 0" in error_of(capsys, run, "--images", images, "--sample-median", "-1")
 
 
+def test_g_average_overrides_the_checkpoints_and_must_lie_in_0_1(run, tmp_path, capsys):
+    images = write_images(tmp_path / "shots", 5)
+    out = tmp_path / "averaged"
+    main([str(run), "--images", str(images), "--steps", "2", "--samples", "6", "--out", str(out), "--save-weights",
+          "--device", "cpu", "--g-average", "0.5"])
+    assert torch.load(out / "adapted.pt", weights_only=True)["config"]["meta"]["g_average"] == 0.5
+    assert load_meta_learned(run).config.meta.g_average == 0.0  # the checkpoint's own
+    assert "--g-average must be in [0, 1)" in error_of(capsys, run, "--images", images, "--g-average", "1")
+
+
 def test_adapt_to_a_pool_task_with_meta_sgd_rates_and_adam(metasgd_run, pool, tmp_path):
     key = Pool(pool).keys("test")[0]
     for rule in ("meta", "adam:0.01"):
@@ -260,6 +270,23 @@ def test_the_meta_rule_in_chunks_is_metalearner_adapt_in_one_call(learner):
     expected_g, expected_d = learner.adapt(theta_g, theta_d, support, noise, mix)
     torch.testing.assert_close(adaptation.generator, expected_g)
     torch.testing.assert_close(adaptation.discriminator, expected_d)
+
+
+def test_g_average_reads_out_the_weighted_mean_of_the_iterates_and_steps_from_the_last(learner):
+    support, noise, mix = task_inputs(steps=3)
+    theta_g, theta_d = learner.G.flat_parameters(), learner.D.flat_parameters()
+    iterates = []  # G after 1, 2 and 3 steps of the plain (last-iterate) adaptation
+    plain = learner.start_adaptation(theta_g, theta_d, tasks=2)
+    for s in range(3):
+        plain.advance(support, noise[s : s + 1], mix[s : s + 1])
+        iterates.append(plain.generator)
+    averaged = learner.start_adaptation(theta_g, theta_d, tasks=2, g_average=0.5)
+    assert torch.equal(averaged.generator, theta_g.expand(2, -1))  # no step yet: the init
+    averaged.advance(support, noise[:2], mix[:2])  # in two chunks, like the evaluation's curve
+    averaged.advance(support, noise[2:], mix[2:])
+    torch.testing.assert_close(averaged.generator, (iterates[0] + 2 * iterates[1] + 4 * iterates[2]) / 7)
+    torch.testing.assert_close(averaged.discriminator, plain.discriminator)  # D steps against the last G, as before
+    assert learner.config.g_average == 0.0 and torch.equal(plain.generator, iterates[-1])
 
 
 def test_the_meta_rule_uses_meta_sgd_rates(learner):

@@ -207,6 +207,36 @@ def test_maml_with_two_d_steps_matches_finite_differences():
     torch.testing.assert_close(grads.flat[: theta_g.numel()][:12], numeric, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("arch", ["mlp", "dcgan"])
+@pytest.mark.parametrize("algorithm,rule", [("maml", "sgd"), ("metasgd", "sgd"), ("fomaml", "adam"), ("reptile", "adam")])
+def test_averaged_generator_iterates_match_the_per_task_loop(arch, algorithm, rule):
+    G, D = tiny_pair(arch)
+    cfg = MetaConfig(algorithm=algorithm, inner_steps=3, inner_lr=0.1 if rule == "sgd" else 0.01, inner_rule=rule,
+                     d_steps=2, g_average=0.5)
+    batch = make_batch(G, 3)
+    lrs = None
+    if algorithm == "metasgd":
+        gen = torch.Generator().manual_seed(3)
+        lrs = tuple(0.05 + 0.1 * torch.rand(flat_params(net).numel(), generator=gen, dtype=torch.float64) for net in (G, D))
+    got = meta_gradients(G, D, batch, cfg, inner_lrs=lrs).flat
+    want = reference_grads(cfg, G, D, batch, lrs=lrs)
+    assert rel_err(got, want) <= 1e-10
+    # The average is not silently ignored: the last iterate gives another meta-gradient.
+    last = MetaConfig(**{**cfg.__dict__, "g_average": 0.0})
+    assert rel_err(meta_gradients(G, D, batch, last, inner_lrs=lrs).flat, want) > 1e-3
+
+
+def test_maml_through_averaged_iterates_matches_finite_differences():
+    G, D = tiny_pair("mlp")
+    cfg = MetaConfig(algorithm="maml", inner_steps=3, inner_lr=0.1, d_steps=2, g_average=0.7)
+    batch = make_batch(G, 3)
+    grads = meta_gradients(G, D, batch, cfg)
+    theta_g, theta_d = flat_params(G), flat_params(D)
+    directions = torch.eye(theta_g.numel(), dtype=torch.float64)[:12]
+    numeric = central_difference(lambda t: mean_objective(cfg, G, D, t, theta_d, batch, "g"), theta_g, directions)
+    torch.testing.assert_close(grads.flat[: theta_g.numel()][:12], numeric, rtol=1e-6, atol=1e-9)
+
+
 def test_second_order_algorithms_refuse_the_first_order_inner_adam():
     for algorithm in ("maml", "metasgd"):
         with pytest.raises(ValueError, match=f"meta.inner_rule 'adam' with meta.algorithm '{algorithm}'"):
@@ -217,7 +247,8 @@ def test_second_order_algorithms_refuse_the_first_order_inner_adam():
     "field,value,match",
     [("inner_rule", "rmsprop", "unknown meta.inner_rule 'rmsprop'"), ("d_steps", 0, "meta.d_steps must be >= 1"),
      ("inner_beta1", 1.0, r"meta.inner_beta1 must be in \[0, 1\)"), ("gp_weight", -1.0, "meta.gp_weight must be >= 0"),
-     ("inner_steps", 1.5, "meta.inner_steps must be of type int")],
+     ("inner_steps", 1.5, "meta.inner_steps must be of type int"),
+     ("g_average", 1.0, r"meta.g_average must be in \[0, 1\)")],
 )
 def test_bad_inner_loop_settings_are_errors_naming_them(field, value, match):
     with pytest.raises(ValueError, match=match):

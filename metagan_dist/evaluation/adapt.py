@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sample-median", type=int, metavar="R",
                         help="radius of the median filter the samples go through, 0 = none (default: the "
                              "checkpoint's model.sample_median)")
+    parser.add_argument("--g-average", type=float, metavar="BETA",
+                        help="the samples come from the BETA-weighted average of G's iterates, 0 = the last one "
+                             "(default: the checkpoint's meta.g_average)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the adaptation and sample noise (default: 0)")
     parser.add_argument("--resize", action="store_true",
                         help="convert and resize images of another size or channel count to the model's (Lanczos); "
@@ -64,6 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--steps must be >= 0, got {args.steps}")
     if args.sample_median is not None and args.sample_median < 0:
         parser.error(f"--sample-median must be >= 0 (0 = no filter), got {args.sample_median}")
+    if args.g_average is not None and not 0 <= args.g_average < 1:
+        parser.error(f"--g-average must be in [0, 1) (0 = the last iterate), got {args.g_average}")
     if args.images is not None and args.pool is not None:
         parser.error("--pool applies to --task, not to --images")
     return args
@@ -75,7 +80,7 @@ def adapt(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     rule = parse_rule(args.rule)
-    model = load_meta_learned(args.checkpoint, device, args.sample_median)
+    model = load_meta_learned(args.checkpoint, device, args.sample_median, args.g_average)
     k = args.shots or model.config.data.shots
     if args.images is not None:
         shots = shots_from_folder(args.images, k, model.image_shape, args.resize)

@@ -81,7 +81,7 @@ def pretrain(
     data = images_to_tensor(images)
     members = [torch.from_numpy(np.flatnonzero(tasks == t)) for t in np.unique(tasks)] if learner.conditioned else None
     rule = InnerAdam(lr, betas)
-    session = learner.start_adaptation(theta_g, theta_d, tasks=1, rules=(rule, rule))
+    session = learner.start_adaptation(theta_g, theta_d, tasks=1, rules=(rule, rule), g_average=0.0)  # the last G
     z_dim = learner.G.module.z_dim
     for _ in tqdm(range(budget.steps), desc="pretrain", unit="step", disable=not progress):
         pick = torch.randint(len(data), (budget.batch,), generator=rng)

@@ -35,12 +35,15 @@ class MetaLearnedGAN:
 
 
 def load_meta_learned(
-    path: str | Path, device: torch.device | str = "cpu", sample_median: int | None = None
+    path: str | Path, device: torch.device | str = "cpu", sample_median: int | None = None,
+    g_average: float | None = None,
 ) -> MetaLearnedGAN:
     """Load a run folder (its latest checkpoint) or a checkpoint folder written by the torch or DeepSpeed engine.
 
     sample_median: the radius of the median filter its samples go through, instead of the config's
     `model.sample_median` (it changes no parameter: the filter acts on samples only).
+    g_average: the decay of the average of G's iterates its samples come from, instead of the config's
+    `meta.g_average` (it changes how an adaptation reads out G, not the parameters).
     Raises FileNotFoundError for a missing checkpoint and ValueError for another format version or config.
     """
     folder = resolve_checkpoint(path)
@@ -48,6 +51,8 @@ def load_meta_learned(
     config = from_dict(state["config"], str(folder / "trainer.pt"))
     if sample_median is not None:
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, sample_median=sample_median))
+    if g_average is not None:
+        config = dataclasses.replace(config, meta=dataclasses.replace(config.meta, g_average=g_average))
     params = load_meta_parameters(folder)
     if (params.generator_lr is not None) != (config.meta.algorithm == "metasgd"):
         raise ValueError(

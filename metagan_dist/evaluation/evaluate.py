@@ -87,6 +87,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sample-median", type=int, metavar="R",
                         help="radius of the median filter every method's samples go through, 0 = none (default: "
                              "the first checkpoint's model.sample_median)")
+    parser.add_argument("--g-average", type=float, metavar="BETA",
+                        help="every method's samples come from the BETA-weighted average of G's iterates, 0 = the "
+                             "last one (default: each checkpoint's meta.g_average; the baselines take the first's)")
     parser.add_argument("--grid-tasks", type=int, default=6, help="tasks shown in each method's sample grid (default: 6)")
     parser.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA if available (default: auto)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default (use 1-2 on a busy box)")
@@ -104,21 +107,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--curve-steps must be comma-separated integers, got {args.curve_steps!r}")
     if any(s < 0 for s in curve):
         parser.error(f"--curve-steps must be >= 0, got {args.curve_steps!r}")
+    if args.g_average is not None and not 0 <= args.g_average < 1:
+        parser.error(f"--g-average must be in [0, 1) (0 = the last iterate), got {args.g_average}")
     args.curve = sorted(curve | {args.steps})
     return args
 
 
 def load_checkpoints(
-    specs: list[str], device: torch.device, sample_median: int | None = None
+    specs: list[str], device: torch.device, sample_median: int | None = None, g_average: float | None = None
 ) -> list[tuple[str, MetaLearnedGAN]]:
     """(name, model) per NAME=PATH or PATH; names must be unique and architectures identical.
 
-    sample_median: the samples' median filter radius for all of them (None: each checkpoint's own).
+    sample_median, g_average: the samples' median filter radius and G's iterate averaging for all of them
+    (None: each checkpoint's own).
     """
     loaded = []
     for spec in specs:
         name, _, path = spec.partition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
-        model = load_meta_learned(path, device, sample_median)
+        model = load_meta_learned(path, device, sample_median, g_average)
         loaded.append((name or model.name, model))
     names = [name for name, _ in loaded]
     if len(set(names)) < len(names) or set(names) & set(BASELINES):
@@ -201,7 +207,7 @@ def run(args: argparse.Namespace) -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    loaded = load_checkpoints(args.checkpoints, device, args.sample_median)
+    loaded = load_checkpoints(args.checkpoints, device, args.sample_median, args.g_average)
     _, reference = loaded[0]
     pool = open_pool(args.pool or reference.config.data.pool)
     if tuple(pool.image_shape) != tuple(reference.image_shape):
