@@ -216,7 +216,7 @@ def _sections_only(values: Any, where: str) -> dict[str, Any]:
 # saved without it ran (its default today is the newer recipe's): a saved config lacking one gets this.
 ABSENT_IN_OLDER_CHECKPOINTS = {
     "model.support_dim": 0, "model.g_smooth": 0.0, "model.sample_median": 0, "meta.inner_rule": "sgd",
-    "meta.d_steps": 1,
+    "meta.d_steps": 1, "meta.g_average": 0.0,
 }
 
 

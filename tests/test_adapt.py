@@ -111,9 +111,9 @@ def test_g_average_overrides_the_checkpoints_and_must_lie_in_0_1(run, tmp_path, 
     images = write_images(tmp_path / "shots", 5)
     out = tmp_path / "averaged"
     main([str(run), "--images", str(images), "--steps", "2", "--samples", "6", "--out", str(out), "--save-weights",
-          "--device", "cpu", "--g-average", "0.5"])
-    assert torch.load(out / "adapted.pt", weights_only=True)["config"]["meta"]["g_average"] == 0.5
-    assert load_meta_learned(run).config.meta.g_average == 0.0  # the checkpoint's own
+          "--device", "cpu", "--g-average", "0.25"])
+    assert torch.load(out / "adapted.pt", weights_only=True)["config"]["meta"]["g_average"] == 0.25
+    assert load_meta_learned(run).config.meta.g_average == 0.5  # the checkpoint's own: the default recipe's
     assert "--g-average must be in [0, 1)" in error_of(capsys, run, "--images", images, "--g-average", "1")
 
 

@@ -91,11 +91,12 @@ def test_a_saved_config_without_newer_keys_means_what_it_meant_when_saved():
 
     saved = to_dict(TrainConfig())
     newer = (("model", "support_dim"), ("model", "g_smooth"), ("model", "sample_median"), ("meta", "inner_rule"),
-             ("meta", "d_steps"))
+             ("meta", "d_steps"), ("meta", "g_average"))
     for section, key in newer:
         del saved[section][key]
     loaded = from_dict(saved, "old.pt")
     assert (loaded.model.support_dim, loaded.meta.inner_rule, loaded.meta.d_steps) == (0, "sgd", 1)
     assert loaded.model.g_smooth == 0  # a checkpoint from before the option never smoothed, whatever today's default
     assert loaded.model.sample_median == 0  # nor filtered its samples
+    assert loaded.meta.g_average == 0 and TrainConfig().meta.g_average > 0  # nor averaged G's iterates
     assert from_dict(to_dict(TrainConfig()), "new.pt") == TrainConfig()
