@@ -77,9 +77,9 @@ class MetaConfig:
     inner_beta1: float = opt(0.0, "β1 of the inner Adam (0: no momentum, Reptile's few-shot recipe)", check=below_one())
     inner_beta2: float = opt(0.999, "β2 of the inner Adam", check=below_one())
     d_steps: int = opt(1, "discriminator steps per generator step in every inner step", check=at_least(1))
-    g_average: float = opt(0.0, "decay β of the running average of G's inner iterates that samples, the query and "
-                                "Reptile's step use: Σ_s β^(S−s) θ_G^s / Σ_s β^(S−s) over the G after each inner "
-                                "step s; 0 = the last iterate. Averaging cancels the back-and-forth of inner steps "
+    g_average: float = opt(0.0, "decay β of the average of G's inner iterates that samples, the query and "
+                                "Reptile's step use: Σ_s β^(S−s) θ_G^s / Σ_s β^(S−s) over G after each inner step "
+                                "s; 0 = the last iterate. Averaging cancels the back-and-forth of inner steps "
                                 "(speckle) and keeps what they agree on", check=below_one())
     task_chunk: int = opt(DEFAULT_TASK_CHUNK, "tasks adapted at once: the T tasks of a meta-step go through in "
                                               "chunks of this many and their meta-gradients are summed; peak "

@@ -210,7 +210,8 @@ def test_maml_with_two_d_steps_matches_finite_differences(g_average):
 
 
 @pytest.mark.parametrize("arch", ["mlp", "dcgan"])
-@pytest.mark.parametrize("algorithm,rule", [("maml", "sgd"), ("metasgd", "sgd"), ("fomaml", "adam"), ("reptile", "adam")])
+@pytest.mark.parametrize("algorithm,rule",
+                         [("maml", "sgd"), ("metasgd", "sgd"), ("fomaml", "adam"), ("reptile", "adam")])
 def test_averaged_generator_iterates_match_the_per_task_loop(arch, algorithm, rule):
     G, D = tiny_pair(arch)
     cfg = MetaConfig(algorithm=algorithm, inner_steps=3, inner_lr=0.1 if rule == "sgd" else 0.01, inner_rule=rule,
@@ -219,7 +220,8 @@ def test_averaged_generator_iterates_match_the_per_task_loop(arch, algorithm, ru
     lrs = None
     if algorithm == "metasgd":
         gen = torch.Generator().manual_seed(3)
-        lrs = tuple(0.05 + 0.1 * torch.rand(flat_params(net).numel(), generator=gen, dtype=torch.float64) for net in (G, D))
+        lrs = tuple(0.05 + 0.1 * torch.rand(flat_params(net).numel(), generator=gen, dtype=torch.float64)
+                    for net in (G, D))
     got = meta_gradients(G, D, batch, cfg, inner_lrs=lrs).flat
     want = reference_grads(cfg, G, D, batch, lrs=lrs)
     assert rel_err(got, want) <= 1e-10
