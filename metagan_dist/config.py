@@ -148,13 +148,13 @@ class EngineConfig:
 class TrainConfig:
     # The recipe chosen by benchmarks/few_shot_quality.py (README, "The recipe"): a support-conditioned G,
     # first-order MAML with a per-task Adam (β1 = 0) for 10 inner steps, two D steps per G step, G read out
-    # as the average of its iterates (β = 0.5). The library's ModelConfig() stays unconditioned and its
+    # as the average of its iterates (β = 0.7). The library's ModelConfig() stays unconditioned and its
     # MetaConfig() stays MAML.
     model: ModelConfig = field(default_factory=lambda: ModelConfig(support_dim=64))
     data: DataConfig = field(default_factory=DataConfig)
     meta: MetaConfig = field(default_factory=lambda: MetaConfig(
         algorithm="fomaml", inner_rule="adam", inner_lr=0.01, inner_beta1=0.0, inner_steps=10, d_steps=2,
-        g_average=0.5))
+        g_average=0.7))
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)

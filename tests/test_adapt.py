@@ -13,6 +13,7 @@ from PIL import Image
 import reference_meta as ref
 from metagan_dist import MetaConfig, build_pair
 from metagan_dist.checkpoint import load_trainer_state
+from metagan_dist.config import TrainConfig
 from metagan_dist.data import Pool
 from metagan_dist.evaluation.adapt import main
 from metagan_dist.evaluation.checkpoint_model import load_meta_learned
@@ -113,7 +114,7 @@ def test_g_average_overrides_the_checkpoints_and_must_lie_in_0_1(run, tmp_path, 
     main([str(run), "--images", str(images), "--steps", "2", "--samples", "6", "--out", str(out), "--save-weights",
           "--device", "cpu", "--g-average", "0.25"])
     assert torch.load(out / "adapted.pt", weights_only=True)["config"]["meta"]["g_average"] == 0.25
-    assert load_meta_learned(run).config.meta.g_average == 0.5  # the checkpoint's own: the default recipe's
+    assert load_meta_learned(run).config.meta.g_average == TrainConfig().meta.g_average  # the checkpoint's own
     assert "--g-average must be in [0, 1)" in error_of(capsys, run, "--images", images, "--g-average", "1")
 
 
