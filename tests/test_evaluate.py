@@ -242,6 +242,18 @@ def test_g_average_applies_to_every_checkpoint_and_must_lie_in_0_1(pool, runs, t
     assert "--g-average must be in [0, 1) (0 = the last iterate), got -0.1" in err
 
 
+def test_skip_tasks_evaluates_the_tasks_after_the_first_n(runs, tmp_path, capsys):
+    bigger = make_square_pool(tmp_path / "pool16", tasks=16)  # 4 test tasks
+    out = tmp_path / "o"
+    main([str(runs["maml"]), *common_args(bigger, out), "--baselines", "--skip-tasks", "1", "--seeds", "1"])
+    settings = json.loads((out / "results.json").read_text())["settings"]
+    assert settings["task_keys"] == Pool(bigger).keys("test")[1 : 1 + TASKS]
+    err = error_of(capsys, runs["maml"], *common_args(bigger, tmp_path / "o2"), "--skip-tasks", "4")
+    assert f"--skip-tasks 4 leaves no task: split 'test' of pool {bigger} has 4" in err
+    err = error_of(capsys, runs["maml"], *common_args(bigger, tmp_path / "o3"), "--skip-tasks", "-1")
+    assert "--skip-tasks must be at least 0, got -1" in err
+
+
 def test_a_pool_of_another_image_shape_is_named(runs, tmp_path, capsys):
     other = make_square_pool(tmp_path / "big", tasks=4, size=64)
     err = error_of(capsys, runs["maml"], *common_args(other, tmp_path / "o"))

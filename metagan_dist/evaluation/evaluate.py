@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pool", help="'glyphs' or a pool folder (default: the first checkpoint's data.pool)")
     parser.add_argument("--split", default="test", help="split of the held-out tasks (default: test)")
     parser.add_argument("--tasks", type=int, default=0, help="evaluate the first N tasks of the split; 0 = all (default)")
+    parser.add_argument("--skip-tasks", type=int, default=0, metavar="N",
+                        help="leave out the split's first N tasks, e.g. those a recipe was chosen on; --tasks then "
+                             "counts from task N+1 (default: 0)")
     parser.add_argument("--shots", type=int, help="k shots per task (default: the first checkpoint's data.shots)")
     parser.add_argument("--steps", type=int, default=10, help="S, the adaptation steps of the table (default: 10)")
     parser.add_argument("--curve-steps", default=",".join(map(str, CURVE_STEPS)),
@@ -95,8 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default (use 1-2 on a busy box)")
     parser.add_argument("--out", default="eval", help="output folder (default: eval)")
     args = parser.parse_args(argv)
-    zero_allowed = ("tasks", "steps", "sample_median")
-    for name in ("tasks", "steps", "seeds", "samples", "shots", "kid_subsets", "feature_epochs", "grid_tasks",
+    zero_allowed = ("tasks", "skip_tasks", "steps", "sample_median")
+    for name in ("tasks", "skip_tasks", "steps", "seeds", "samples", "shots", "kid_subsets", "feature_epochs", "grid_tasks",
                  "pretrain_batch", "ways", "episodes", "sample_median"):
         value = getattr(args, name)
         if value is not None and value < (0 if name in zero_allowed else 1):
@@ -214,6 +217,10 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"pool {pool.path} holds {pool.image_shape} images but the checkpoints' models make "
                          f"{reference.image_shape} (C, H, W)")
     keys = pool.keys(args.split)
+    if args.skip_tasks >= len(keys):
+        raise ValueError(f"--skip-tasks {args.skip_tasks} leaves no task: split {args.split!r} of pool {pool.path} "
+                         f"has {len(keys)}")
+    keys = keys[args.skip_tasks:]
     keys = keys[: args.tasks] if args.tasks else keys
     ways = min(args.ways, len(keys))
     if ways < args.ways:
