@@ -9,7 +9,7 @@ A smoke run, with fewer tasks, seeds and meta-steps:
 1. Meta-trains the recipe with launch/train.py: the quick start (its defaults, as `make train` runs
    them) once per training seed (`--train-seeds`, run.seed = 0, 1, ...), and the longer CPU run
    (launch/configs/cpu_long.yaml) once. Meta-training is chaotic: runs that differ only in their
-   seed scored 0.42-0.77, and 0.66-0.75 since meta.g_average (benchmarks/RESULTS.md), so one run is one
+   seed scored 0.42-0.77, and 0.66-0.77 since meta.g_average (benchmarks/RESULTS.md), so one run is one
    draw of the recipe.
 2. Evaluates every run with launch/evaluate.py on the held-out Georgian script: --tasks tasks x
    --seeds seeds, k = 4 shots, S = 10 steps, 20-way recognizability, M = 64 samples per task, against
