@@ -99,8 +99,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default="eval", help="output folder (default: eval)")
     args = parser.parse_args(argv)
     zero_allowed = ("tasks", "skip_tasks", "steps", "sample_median")
-    for name in ("tasks", "skip_tasks", "steps", "seeds", "samples", "shots", "kid_subsets", "feature_epochs", "grid_tasks",
-                 "pretrain_batch", "ways", "episodes", "sample_median"):
+    for name in ("tasks", "skip_tasks", "steps", "seeds", "samples", "shots", "kid_subsets", "feature_epochs",
+                 "grid_tasks", "pretrain_batch", "ways", "episodes", "sample_median"):
         value = getattr(args, name)
         if value is not None and value < (0 if name in zero_allowed else 1):
             parser.error(f"--{name.replace('_', '-')} must be at least {0 if name in zero_allowed else 1}, got {value}")
