@@ -24,7 +24,7 @@ from metagan_dist.checkpoint import save_file_atomic
 from metagan_dist.config import to_dict
 from metagan_dist.data import images_to_tensor
 from metagan_dist.evaluation.checkpoint_model import load_meta_learned
-from metagan_dist.evaluation.cli_support import DEVICES, open_pool, pick_device, run_command
+from metagan_dist.evaluation.cli_support import DEVICES, check_g_average, open_pool, pick_device, run_command
 from metagan_dist.evaluation.rules import parse_rule, start_adaptation
 from metagan_dist.evaluation.shots import shots_from_folder, shots_from_pool
 from metagan_dist.sampling import save_grid
@@ -67,8 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--steps must be >= 0, got {args.steps}")
     if args.sample_median is not None and args.sample_median < 0:
         parser.error(f"--sample-median must be >= 0 (0 = no filter), got {args.sample_median}")
-    if args.g_average is not None and not 0 <= args.g_average < 1:
-        parser.error(f"--g-average must be in [0, 1) (0 = the last iterate), got {args.g_average}")
+    check_g_average(parser, args.g_average)
     if args.images is not None and args.pool is not None:
         parser.error("--pool applies to --task, not to --images")
     return args

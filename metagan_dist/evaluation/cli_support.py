@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,12 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is available (use --device cpu or auto)")
     return torch.device(name)
+
+
+def check_g_average(parser: argparse.ArgumentParser, beta: float | None) -> None:
+    """--g-average must be a decay in [0, 1) (as meta.g_average) or absent; a usage error naming the flag if not."""
+    if beta is not None and not 0 <= beta < 1:
+        parser.error(f"--g-average must be in [0, 1) (0 = the last iterate), got {beta}")
 
 
 def run_command(body: Callable[[], None]) -> None:

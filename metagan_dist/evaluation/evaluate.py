@@ -42,7 +42,7 @@ import torch
 from metagan_dist.data import Pool
 from metagan_dist.evaluation import baselines
 from metagan_dist.evaluation.checkpoint_model import MetaLearnedGAN, load_meta_learned
-from metagan_dist.evaluation.cli_support import DEVICES, open_pool, pick_device, run_command
+from metagan_dist.evaluation.cli_support import DEVICES, check_g_average, open_pool, pick_device, run_command
 from metagan_dist.evaluation.features import DISTRIBUTION_FILE, RECOGNITION_FILE, load_or_train_feature_spaces
 from metagan_dist.evaluation.harness import EvalPlan, Method, check_plan, evaluate
 from metagan_dist.evaluation.report import build_report, markdown, plot_curves
@@ -110,8 +110,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--curve-steps must be comma-separated integers, got {args.curve_steps!r}")
     if any(s < 0 for s in curve):
         parser.error(f"--curve-steps must be >= 0, got {args.curve_steps!r}")
-    if args.g_average is not None and not 0 <= args.g_average < 1:
-        parser.error(f"--g-average must be in [0, 1) (0 = the last iterate), got {args.g_average}")
+    check_g_average(parser, args.g_average)
     args.curve = sorted(curve | {args.steps})
     return args
 
