@@ -16,7 +16,8 @@ from metagan_dist.data import Pool
 from metagan_dist.evaluation import baselines
 from metagan_dist.evaluation.checkpoint_model import load_meta_learned
 from metagan_dist.evaluation.evaluate import load_checkpoints, main
-from metagan_dist.evaluation.harness import METRICS, REFERENCES
+from metagan_dist.evaluation.harness import METRICS, REFERENCES, EvalPlan, Judge
+from metagan_dist.evaluation.metrics import precision_recall
 from metagan_dist.meta import MetaLearner
 from train_utils import SHOTS, SQUARES_SHAPE, make_square_pool, train_tiny_run
 
@@ -100,6 +101,19 @@ def test_reference_rows_are_scored_like_samples(report):
     assert references["real"]["kid"]["mean"] < references["other-task"]["kid"]["mean"]
     # k = 3 shots are too few for 3-NN precision/recall: not applicable, not a number and not diverged.
     assert references["shots"]["precision"] == {"mean": None, "std": None, "se": None, "n": TASKS * SEEDS, "diverged": 0}
+
+
+def test_recall_of_samples_is_scored_on_sets_as_large_as_the_reference_set():
+    # 8 reference images per task and 48 samples drawn on a line: 6 sets of 8 samples each get a manifold.
+    generator = torch.Generator().manual_seed(0)
+    references = [(torch.randn(8, 2, generator=generator), torch.randn(8, 2, generator=generator)) for _ in range(2)]
+    line = torch.tensor([1.0, 0.0])
+    samples = [(torch.randn(48, 2, generator=generator), torch.randn(48, 2, generator=generator) * line) for _ in range(2)]
+    plan = EvalPlan(tasks={}, shots=4, steps=[1], samples=48, seeds=[0], kid_subsets=2, ways=2, episodes=2)
+    scores = Judge(references, plan, seed=0)(samples)
+    for (_, real), (_, fake), score in zip(references, samples, scores):
+        assert score["recall"] == precision_recall(real, fake, k=3, matched=True)[1]
+        assert score["recall"] > precision_recall(real, fake, k=3)[1]  # all 48 at once: thinner, lower
 
 
 def test_methods_see_the_same_shots_and_noise(report):

@@ -196,6 +196,30 @@ def test_far_apart_sets_have_zero_precision_and_recall():
     assert precision_recall(real, _gaussian(40, 5, seed=21) + 100.0) == (0.0, 0.0)
 
 
+def test_matched_recall_is_the_mean_over_real_sized_subsets_of_the_fakes():
+    real = _gaussian(10, 2, seed=22).numpy()
+    fake = (_gaussian(35, 2, seed=23) * 0.5 + 0.5).numpy()  # 3 subsets of 10; the last 5 fakes are left out
+    subsets = [_reference_precision_recall(real, fake[i : i + 10], k=3)[1] for i in (0, 10, 20)]
+    precision, recall = precision_recall(real, fake, k=3, matched=True)
+    assert 0 < min(subsets) and max(subsets) < 1 and len(set(subsets)) > 1  # subsets that differ
+    assert recall == pytest.approx(np.mean(subsets), abs=1e-12)
+    assert precision == pytest.approx(_reference_precision_recall(real, fake, k=3)[0], abs=1e-12)
+
+
+def test_matched_recall_changes_nothing_when_there_are_no_more_fakes_than_reals():
+    real, fake = _gaussian(30, 2, seed=16), _gaussian(25, 2, seed=17) + 1.5
+    assert precision_recall(real, fake, matched=True) == precision_recall(real, fake)
+
+
+def test_matched_recall_does_not_fall_as_more_fakes_are_drawn():
+    # Fakes drawn on a line through a 2-D cloud of reals: the more fakes, the thinner their unmatched manifold.
+    real = _gaussian(12, 2, seed=24)
+    many = _gaussian(12 * 16, 2, seed=25) * torch.tensor([1.0, 0.0], dtype=torch.float64)
+    few = many[:12]
+    assert precision_recall(real, many)[1] < precision_recall(real, few)[1] / 2
+    assert precision_recall(real, many, matched=True)[1] == pytest.approx(precision_recall(real, few)[1], abs=0.15)
+
+
 # ---------------------------------------------------------------- diversity
 
 

@@ -178,7 +178,7 @@ class Judge:
                 scores.append({name: math.nan for name in METRICS})
                 continue
             big = len(fake) >= MIN_SET
-            precision, recall = precision_recall(ref, fake, k=PR_NEIGHBOURS) if big else (None, None)
+            precision, recall = precision_recall(ref, fake, k=PR_NEIGHBOURS, matched=True) if big else (None, None)
             scores.append({
                 "recognizability": hit,
                 "precision": precision,

@@ -75,20 +75,29 @@ def _unbiased_mmd2(x: Tensor, y: Tensor) -> float:
     return float(within_x + within_y - 2 * k_xy.mean())
 
 
-def precision_recall(real: FeatureMatrix, fake: FeatureMatrix, k: int = 3) -> tuple[float, float]:
+def precision_recall(
+    real: FeatureMatrix, fake: FeatureMatrix, k: int = 3, matched: bool = False
+) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019) with k-nearest-neighbour manifolds.
 
     Precision: share of fakes inside the real manifold (union of balls reaching each real point's
     k-th nearest real neighbour); recall: share of reals inside the fake manifold, built alike.
+    matched: when there are more fakes than reals, recall is the mean over disjoint subsets of the
+    fakes as large as the real set (a remainder is left out), so both manifolds' radii come from sets
+    of one size. Otherwise the fakes' radii shrink as more are drawn, and recall falls for the same
+    generator. Precision does not depend on the number of fakes and uses them all.
     """
     if k < 1:
         raise ValueError(f"precision_recall needs k >= 1, got k={k}")
     real, fake = _feature_pair(real, fake, min_samples=k + 1)
-    real_radii, fake_radii = _knn_radii(real, k), _knn_radii(fake, k)
     real_to_fake = _pairwise_distances(real, fake)  # [N_real, N_fake]
-    precision = (real_to_fake <= real_radii[:, None]).any(dim=0).double().mean()
-    recall = (real_to_fake <= fake_radii[None, :]).any(dim=1).double().mean()
-    return float(precision), float(recall)
+    precision = (real_to_fake <= _knn_radii(real, k)[:, None]).any(dim=0).double().mean()
+    size = len(real) if matched and len(fake) > len(real) else len(fake)
+    recalls = [
+        (real_to_fake[:, start : start + size] <= _knn_radii(fake[start : start + size], k)).any(dim=1).double().mean()
+        for start in range(0, len(fake) - size + 1, size)
+    ]
+    return float(precision), float(torch.stack(recalls).mean())
 
 
 def diversity(features: FeatureMatrix) -> float:
