@@ -127,6 +127,14 @@ def test_methods_see_the_same_shots_and_noise(report):
     assert first != second
 
 
+def test_a_steps_scores_do_not_depend_on_how_far_the_curve_goes(report, runs, pool, tmp_path):
+    # The report's curve ends at 5 steps; a curve that ends at 2 must score step 2 identically.
+    out = tmp_path / "short"
+    main([f"maml={runs['maml']}", *common_args(pool, out), "--baselines", "--curve-steps", "0,2", "--steps", "2"])
+    short = json.loads((out / "results.json").read_text())["methods"][0]["per_seed_and_task"]["2"]
+    assert short == report["methods"][0]["per_seed_and_task"]["2"]
+
+
 def test_best_rows_and_headline_follow_from_recognizability_at_s(report):
     score = {row["label"]: row["steps"][str(STEPS)]["recognizability"]["mean"] for row in report["methods"]}
     assert sorted(report["best"]) == ["maml", "maml_again", "metasgd", "pretrain-finetune", "scratch"]

@@ -6,7 +6,7 @@ feature space (a task's prototype is the mean feature of its reference set), the
 the distribution feature space (features.py). So are three reference rows, exactly like samples:
 `real` (the exam images: the ceiling), `shots` (the k shots: the copy baseline) and `other-task`
 (the next task's exam images: the level of a wrong task). The adaptation noise and the sample
-noise are drawn once per seed and shared by all methods.
+noise are drawn once per seed, each from its own stream, and shared by all methods.
 """
 
 from __future__ import annotations
@@ -134,10 +134,12 @@ def evaluate(
         references["real"].add(0, judge(exams))
         references["shots"].add(0, judge(shots))
         references["other-task"].add(0, judge(exams[1:] + exams[:1]))
-        noise = torch.Generator().manual_seed(seed)
-        inner_noise = torch.randn(plan.steps[-1], len(keys), plan.shots, z_dim, generator=noise).to(device)
-        inner_mix = torch.rand(plan.steps[-1], len(keys), plan.shots, generator=noise).to(device)
-        sample_noise = torch.randn(len(keys), plan.samples, z_dim, generator=noise).to(device)
+        draws, mixes, sample_draws = (torch.Generator().manual_seed(int(state))
+                                 for state in np.random.SeedSequence(seed).generate_state(3))
+        inner_noise = _per_step(plan.steps[-1], lambda: torch.randn(len(keys), plan.shots, z_dim, generator=draws))
+        inner_mix = _per_step(plan.steps[-1], lambda: torch.rand(len(keys), plan.shots, generator=mixes))
+        inner_noise, inner_mix = inner_noise.to(device), inner_mix.to(device)
+        sample_noise = torch.randn(len(keys), plan.samples, z_dim, generator=sample_draws).to(device)
         for method in methods:
             theta_g, theta_d = (theta.to(device) for theta in method.init(seed))
             adaptation = start_adaptation(method.learner, method.rule, theta_g, theta_d, len(keys), method.inner_lrs)
@@ -154,6 +156,12 @@ def evaluate(
             bar.update()
     bar.close()
     return scores, references, grid_shots
+
+
+def _per_step(steps: int, draw: Callable[[], Tensor]) -> Tensor:
+    """`steps` draws stacked [steps, ...], one per inner step, so a step's noise does not depend on how
+    many steps follow it (the curve's last step count) and every method sees the same noise at step s."""
+    return torch.stack([draw() for _ in range(steps)]) if steps else draw()[None][:0]
 
 
 FeaturePair = tuple[Tensor, Tensor]  # one image set's (recognition [M, d], distribution [M, d]) features
