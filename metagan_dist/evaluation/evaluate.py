@@ -9,8 +9,9 @@ counts (0, 1, 2, 5, 10, 20, 50 and S), then draws M samples per task, scored aga
 set in the feature spaces of two task classifiers trained on the meta-train tasks (cached beside
 the pool): recognizability first (is it the task? N-way nearest-prototype accuracy of the samples,
 a task's prototype being the mean feature of its reference set, in the space of the classifier
-trained with corruptions, <pool>/recognition_net.pt), then k-NN precision/recall, KID, FID and
-diversity (in the space of the classifier trained on clean images, <pool>/feature_net.pt).
+trained with corruptions, <pool>/recognition_net.pt), then k-NN precision/recall (recall over sets of
+samples as large as the reference set), KID, FID and diversity (in the space of the classifier
+trained on clean images, <pool>/feature_net.pt).
 Reference rows are scored exactly like samples: `real` (the exam images: the ceiling), `shots`
 (the k shots: the copy baseline), `other-task` (another task's exam images); every init is also
 scored before adaptation (S = 0).
