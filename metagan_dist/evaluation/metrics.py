@@ -93,10 +93,11 @@ def precision_recall(
     real_to_fake = _pairwise_distances(real, fake)  # [N_real, N_fake]
     precision = (real_to_fake <= _knn_radii(real, k)[:, None]).any(dim=0).double().mean()
     size = len(real) if matched and len(fake) > len(real) else len(fake)
-    recalls = [
-        (real_to_fake[:, start : start + size] <= _knn_radii(fake[start : start + size], k)).any(dim=1).double().mean()
-        for start in range(0, len(fake) - size + 1, size)
-    ]
+    recalls = []
+    for start in range(0, len(fake) - size + 1, size):
+        subset = slice(start, start + size)
+        covered = real_to_fake[:, subset] <= _knn_radii(fake[subset], k)  # [N_real, size]
+        recalls.append(covered.any(dim=1).double().mean())
     return float(precision), float(torch.stack(recalls).mean())
 
 
