@@ -136,9 +136,9 @@ def evaluate(
         references["other-task"].add(0, judge(exams[1:] + exams[:1]))
         states = np.random.SeedSequence(seed).generate_state(3)
         draws, mixes, sample_draws = (torch.Generator().manual_seed(int(state)) for state in states)
-        inner_noise = _per_step(plan.steps[-1], lambda: torch.randn(len(keys), plan.shots, z_dim, generator=draws))
-        inner_mix = _per_step(plan.steps[-1], lambda: torch.rand(len(keys), plan.shots, generator=mixes))
-        inner_noise, inner_mix = inner_noise.to(device), inner_mix.to(device)
+        last_step = plan.steps[-1]
+        inner_noise = _per_step(last_step, lambda: torch.randn(len(keys), plan.shots, z_dim, generator=draws)).to(device)
+        inner_mix = _per_step(last_step, lambda: torch.rand(len(keys), plan.shots, generator=mixes)).to(device)
         sample_noise = torch.randn(len(keys), plan.samples, z_dim, generator=sample_draws).to(device)
         for method in methods:
             theta_g, theta_d = (theta.to(device) for theta in method.init(seed))
