@@ -135,6 +135,19 @@ def test_a_steps_scores_do_not_depend_on_how_far_the_curve_goes(report, runs, po
     assert short == report["methods"][0]["per_seed_and_task"]["2"]
 
 
+def test_a_shift_draws_every_held_out_image_in_the_new_style(report, runs, pool, tmp_path, capsys):
+    out = tmp_path / "bold"
+    main([f"maml={runs['maml']}", *common_args(pool, out), "--baselines", "--shift", "bold"])
+    shifted = json.loads((out / "results.json").read_text())
+    assert shifted["settings"]["shift"] == "bold" and report["settings"]["shift"] == "none"
+    assert "(test split, every image shifted: bold)" in (out / "results.md").read_text()
+    # The same shots, exam and reference images, emboldened: every reference row scores otherwise.
+    for name in REFERENCES:
+        assert shifted["references"][name]["kid"]["mean"] != report["references"][name]["kid"]["mean"]
+    err = error_of(capsys, runs["maml"], *common_args(pool, tmp_path / "o"), "--shift", "thin")
+    assert "argument --shift: invalid choice: 'thin'" in err
+
+
 def test_best_rows_and_headline_follow_from_recognizability_at_s(report):
     score = {row["label"]: row["steps"][str(STEPS)]["recognizability"]["mean"] for row in report["methods"]}
     assert sorted(report["best"]) == ["maml", "maml_again", "metasgd", "pretrain-finetune", "scratch"]

@@ -48,6 +48,7 @@ from metagan_dist.evaluation.features import DISTRIBUTION_FILE, RECOGNITION_FILE
 from metagan_dist.evaluation.harness import EvalPlan, Method, check_plan, evaluate
 from metagan_dist.evaluation.report import build_report, markdown, plot_curves
 from metagan_dist.evaluation.rules import Rule, parse_rule
+from metagan_dist.evaluation.shifts import SHIFTS, shift_tasks
 from metagan_dist.sampling import save_grid
 
 CURVE_STEPS = (0, 1, 2, 5, 10, 20, 50)
@@ -67,6 +68,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-tasks", type=int, default=0, metavar="N",
                         help="leave out the split's first N tasks, e.g. those a recipe was chosen on; --tasks then "
                              "counts from task N+1 (default: 0)")
+    parser.add_argument("--shift", default="none", choices=SHIFTS,
+                        help="draw every held-out image (shots, exam and reference sets) in a style no meta-train task "
+                             "has: blur (Gaussian, sigma 1 px) or bold (3x3 max filter: bright strokes 2 px wider); the "
+                             "feature nets stay those of the unshifted meta-train tasks (default: none)")
     parser.add_argument("--shots", type=int, help="k shots per task (default: the first checkpoint's data.shots)")
     parser.add_argument("--steps", type=int, default=10, help="S, the adaptation steps of the table (default: 10)")
     parser.add_argument("--curve-steps", default=",".join(map(str, CURVE_STEPS)),
@@ -225,7 +230,7 @@ def run(args: argparse.Namespace) -> None:
     ways = min(args.ways, len(keys))
     if ways < args.ways:
         print(f"note: {len(keys)} tasks: recognizability uses {ways}-way episodes instead of {args.ways}-way")
-    plan = EvalPlan(tasks=pool.load_tasks(args.split, keys), shots=args.shots or reference.config.data.shots,
+    plan = EvalPlan(tasks=shift_tasks(pool.load_tasks(args.split, keys), args.shift), shots=args.shots or reference.config.data.shots,
                     steps=args.curve, samples=args.samples, seeds=list(range(args.seeds)), kid_subsets=args.kid_subsets,
                     ways=ways, episodes=args.episodes)
     check_plan(plan)
@@ -237,7 +242,7 @@ def run(args: argparse.Namespace) -> None:
     scores, references, grid_shots = evaluate(methods, plan, spaces, device, grid_step=args.steps,
                                               grid_tasks=args.grid_tasks)
     settings = {
-        "pool": str(pool.path), "split": args.split, "tasks": len(keys), "task_keys": keys, "shots": plan.shots,
+        "pool": str(pool.path), "split": args.split, "shift": args.shift, "tasks": len(keys), "task_keys": keys, "shots": plan.shots,
         "steps": args.steps, "curve_steps": plan.steps, "samples": plan.samples, "seeds": plan.seeds,
         "ways": plan.ways, "episodes": plan.episodes,
         "kid_subsets": plan.kid_subsets,

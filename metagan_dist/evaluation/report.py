@@ -97,8 +97,9 @@ def markdown(report: dict) -> str:
     settings, rows = report["settings"], report["methods"]
     step = str(settings["steps"])
     ways = settings["ways"]
+    shifted = "" if settings["shift"] == "none" else f", every image shifted: {settings['shift']}"
     lines = [
-        f"Pool `{settings['pool']}` ({settings['split']} split), {settings['tasks']} tasks x {len(settings['seeds'])} "
+        f"Pool `{settings['pool']}` ({settings['split']} split{shifted}), {settings['tasks']} tasks x {len(settings['seeds'])} "
         f"seeds, k = {settings['shots']} shots, S = {step} steps, M = {settings['samples']} samples per task; "
         f"recognizability: {ways}-way nearest-prototype accuracy (chance {1 / ways:.2f}); mean ± std over tasks x seeds.",
         "",
