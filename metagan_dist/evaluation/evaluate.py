@@ -230,9 +230,9 @@ def run(args: argparse.Namespace) -> None:
     ways = min(args.ways, len(keys))
     if ways < args.ways:
         print(f"note: {len(keys)} tasks: recognizability uses {ways}-way episodes instead of {args.ways}-way")
-    plan = EvalPlan(tasks=shift_tasks(pool.load_tasks(args.split, keys), args.shift), shots=args.shots or reference.config.data.shots,
-                    steps=args.curve, samples=args.samples, seeds=list(range(args.seeds)), kid_subsets=args.kid_subsets,
-                    ways=ways, episodes=args.episodes)
+    plan = EvalPlan(tasks=shift_tasks(pool.load_tasks(args.split, keys), args.shift),
+                    shots=args.shots or reference.config.data.shots, steps=args.curve, samples=args.samples,
+                    seeds=list(range(args.seeds)), kid_subsets=args.kid_subsets, ways=ways, episodes=args.episodes)
     check_plan(plan)
     images, labels = meta_train_images(pool)
     spaces = load_or_train_feature_spaces(pool.path, images, labels, epochs=args.feature_epochs, device=device)
@@ -242,10 +242,9 @@ def run(args: argparse.Namespace) -> None:
     scores, references, grid_shots = evaluate(methods, plan, spaces, device, grid_step=args.steps,
                                               grid_tasks=args.grid_tasks)
     settings = {
-        "pool": str(pool.path), "split": args.split, "shift": args.shift, "tasks": len(keys), "task_keys": keys, "shots": plan.shots,
-        "steps": args.steps, "curve_steps": plan.steps, "samples": plan.samples, "seeds": plan.seeds,
-        "ways": plan.ways, "episodes": plan.episodes,
-        "kid_subsets": plan.kid_subsets,
+        "pool": str(pool.path), "split": args.split, "shift": args.shift, "tasks": len(keys), "task_keys": keys,
+        "shots": plan.shots, "steps": args.steps, "curve_steps": plan.steps, "samples": plan.samples,
+        "seeds": plan.seeds, "ways": plan.ways, "episodes": plan.episodes, "kid_subsets": plan.kid_subsets,
         "feature_nets": {"recognition": {"path": str(pool.path / RECOGNITION_FILE),
                                          "heldout_accuracy": spaces.recognition.heldout_accuracy},
                          "distribution": {"path": str(pool.path / DISTRIBUTION_FILE),

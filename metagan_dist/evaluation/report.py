@@ -99,8 +99,9 @@ def markdown(report: dict) -> str:
     ways = settings["ways"]
     shifted = "" if settings["shift"] == "none" else f", every image shifted: {settings['shift']}"
     lines = [
-        f"Pool `{settings['pool']}` ({settings['split']} split{shifted}), {settings['tasks']} tasks x {len(settings['seeds'])} "
-        f"seeds, k = {settings['shots']} shots, S = {step} steps, M = {settings['samples']} samples per task; "
+        f"Pool `{settings['pool']}` ({settings['split']} split{shifted}), {settings['tasks']} tasks x "
+        f"{len(settings['seeds'])} seeds, k = {settings['shots']} shots, S = {step} steps, "
+        f"M = {settings['samples']} samples per task; "
         f"recognizability: {ways}-way nearest-prototype accuracy (chance {1 / ways:.2f}); mean ± std over tasks x seeds.",
         "",
         "| row | rule | S | " + " | ".join(HEADINGS[m] for m in METRICS) + " |",
