@@ -69,9 +69,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="leave out the split's first N tasks, e.g. those a recipe was chosen on; --tasks then "
                              "counts from task N+1 (default: 0)")
     parser.add_argument("--shift", default="none", choices=SHIFTS,
-                        help="draw every held-out image (shots, exam and reference sets) in a style no meta-train task "
-                             "has: blur (Gaussian, sigma 1 px) or bold (3x3 max filter: bright strokes 2 px wider); the "
-                             "feature nets stay those of the unshifted meta-train tasks (default: none)")
+                        help="draw every held-out image (shots, exam and reference sets) off the meta-train style: "
+                             "blur (Gaussian, sigma 1 px; no meta-train image is blurred) or bold (3x3 max filter: bright "
+                             "strokes 2 px wider than the pool draws them); the feature nets stay those of the unshifted "
+                             "meta-train tasks (default: none)")
     parser.add_argument("--shots", type=int, help="k shots per task (default: the first checkpoint's data.shots)")
     parser.add_argument("--steps", type=int, default=10, help="S, the adaptation steps of the table (default: 10)")
     parser.add_argument("--curve-steps", default=",".join(map(str, CURVE_STEPS)),

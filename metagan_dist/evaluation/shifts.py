@@ -1,8 +1,9 @@
-"""Style shifts of held-out tasks: the same characters drawn blurred or bolder than any meta-train task.
+"""Style shifts of held-out tasks: the same characters drawn blurred, or bolder than the pool draws them.
 
 `evaluate --shift` applies one to every image of the held-out tasks (shots, exam and reference sets
-alike), so a meta-learned init is judged on a style it never saw; the feature nets stay the ones
-trained on the unshifted meta-train tasks.
+alike), so a meta-learned init is judged off the style it was meta-trained on: no meta-train image
+is blurred, and bold adds a pixel on each side of the pool's own random stroke width. The feature
+nets stay the ones trained on the unshifted meta-train tasks.
 """
 
 from __future__ import annotations
