@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from metagan_dist import EpisodeBatch, MetaLearner, meta_gradients  # noqa: E402
+from metagan_dist.autoencoder import AutoencoderWeights, pool_autoencoder  # noqa: E402
 from metagan_dist.checkpoint import (  # noqa: E402
     CHECKPOINT_VERSION, CheckpointStore, load_trainer_state, save_file_atomic,
 )
@@ -43,13 +44,14 @@ from metagan_dist.config import (  # noqa: E402
 )
 from metagan_dist.data import Pool, TaskStream, ensure_glyphs_pool, images_to_tensor  # noqa: E402
 from metagan_dist.distributed import (  # noqa: E402
-    AgreedError, DistContext, StopSignal, agree, all_gather_objects, barrier, exit_code_of, init_distributed,
-    shutdown, verify_replicas,
+    AgreedError, DistContext, StopSignal, agree, all_gather_objects, barrier, broadcast_, exit_code_of,
+    init_distributed, shutdown, verify_replicas,
 )
 from metagan_dist.engine import (  # noqa: E402
     MetaParameters, agree_and_step, build_engine, fail_step, read_deepspeed_config,
 )
 from metagan_dist.memory import keep_freed_memory  # noqa: E402
+from metagan_dist.models import frozen_parts, install_autoencoder  # noqa: E402
 from metagan_dist.monitor import GradientLog, Monitor, logger, setup_logging  # noqa: E402
 from metagan_dist.sampling import adapt_and_generate, save_grid  # noqa: E402
 
@@ -102,6 +104,7 @@ class SetUp:
     resume: dict | None = None  # the latest checkpoint's trainer state
     latest: Path | None = None
     ds_config: dict | None = None
+    autoencoder: AutoencoderWeights | None = None  # rank 0, model.arch=latent: the frozen image prior
 
 
 def set_up(cfg: TrainConfig, ctx: DistContext, store: CheckpointStore) -> SetUp:
@@ -135,7 +138,21 @@ def set_up(cfg: TrainConfig, ctx: DistContext, store: CheckpointStore) -> SetUp:
         if len(state["ranks"]) != ctx.world_size:
             raise ValueError(f"{latest} was written by {len(state['ranks'])} ranks; this run has {ctx.world_size}")
         setup.resume, setup.latest = state, latest
+    if cfg.model.arch == "latent" and ctx.is_main:  # a resumed run keeps the autoencoder it started with
+        setup.autoencoder = (AutoencoderWeights.from_dict(setup.resume.get("autoencoder"), str(latest / "trainer.pt"))
+                             if setup.resume else pool_autoencoder(pool, cfg.model.code_dim,
+                                                                   cfg.model.autoencoder_epochs, ctx.device))
     return setup
+
+
+def share_autoencoder(nets: tuple[torch.nn.Module, ...], weights: AutoencoderWeights | None) -> None:
+    """Install rank 0's autoencoder (`weights`, None elsewhere) into the frozen parts of every rank's nets."""
+    if weights is not None:
+        install_autoencoder(nets, weights)
+    for part in frozen_parts(*nets):
+        for buffer in part.buffers():
+            broadcast_(buffer)
+        part.loaded = True
 
 
 def agree_on_set_up(what: str, step: Callable[[], Any], stop: StopSignal,
@@ -192,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(cfg.run.seed)
     G, D = cfg.model.build(pool.image_shape)
     G, D = G.to(ctx.device), D.to(ctx.device)
+    share_autoencoder((G, D), setup.autoencoder)
     learner = MetaLearner(G, D, cfg.meta)
     params = MetaParameters(
         learner.G.flat_parameters(), learner.D.flat_parameters(),
@@ -255,7 +273,9 @@ def main(argv: list[str] | None = None) -> None:
         if ctx.is_main:
             save_file_atomic({"version": CHECKPOINT_VERSION, "step": at, "config": to_dict(cfg), "ranks": ranks,
                               "image_shape": list(pool.image_shape), "skipped_steps": skipped,
-                              "clipped_steps": gradients.clipped_steps}, folder / "trainer.pt")
+                              "clipped_steps": gradients.clipped_steps,
+                              **({"autoencoder": setup.autoencoder.as_dict()} if setup.autoencoder else {})},
+                             folder / "trainer.pt")
         barrier()
         if ctx.is_main:
             monitor.write(f"checkpoint: {store.publish(at)}")

@@ -28,10 +28,13 @@ DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass
 class ModelConfig:
-    arch: str = opt("mlp", "generator/discriminator pair: mlp (the seed's) | dcgan (32x32 or 64x64)",
+    arch: str = opt("mlp", "generator/discriminator pair: mlp (the seed's) | dcgan (32x32 or 64x64) | latent (MLP "
+                           "heads on a frozen autoencoder of the pool's meta-train images, trained and cached on "
+                           "first use: G writes a code its decoder draws, D judges its encoder's code)",
                     check=one_of(ARCHITECTURES))
     z_dim: int = opt(64, "noise dimension of the generator", check=at_least(1))
-    width: int = opt(0, "MLP hidden size of G (D gets half) or DCGAN base channels; 0 = default (256 / 64)",
+    width: int = opt(0, "MLP hidden size of G (D gets half; also the latent pair's heads) or DCGAN base channels; "
+                        "0 = default (256 / 64)",
                      check=at_least(0, " (0 = the architecture's default)"))
     g_norm: str = opt("auto", "generator normalisation, per sample: none | layer | group | auto (mlp: none, "
                               "dcgan: group)", check=one_of(("auto", *NORMS)))
@@ -47,6 +50,11 @@ class ModelConfig:
     sample_median: int = opt(0, "radius in pixels of a median filter that samples (grids, adapt, evaluate) go "
                                 "through, never the inner loop's fakes: it removes the isolated pixels that inner "
                                 "Adam steps write and keeps strokes; 0 = off", check=at_least(0, " (0 = off)"))
+    code_dim: int = opt(64, "arch=latent: code size of the autoencoder (cached as POOL/autoencoder-codeN-epochsM.pt)",
+                        check=at_least(2))
+    autoencoder_epochs: int = opt(12, "arch=latent: epochs the autoencoder trains for on the pool's meta-train "
+                                      "images when its cache is missing or was trained otherwise",
+                                  check=at_least(1))
 
     def __post_init__(self) -> None:
         check_section("model", self)
@@ -59,7 +67,7 @@ class ModelConfig:
         chosen = (self.g_norm, self.d_norm)
         norms = tuple(default if norm == "auto" else norm for norm, default in zip(chosen, DEFAULT_NORMS[self.arch]))
         return build_pair(self.arch, self.z_dim, image_shape, self.width or None, norms, self.support_dim,
-                          self.g_smooth, self.sample_median)
+                          self.g_smooth, self.sample_median, self.code_dim)
 
 
 @dataclass

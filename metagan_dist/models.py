@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ARCHITECTURES = ("mlp", "dcgan")
+from metagan_dist.autoencoder import AutoencoderWeights, decode, decoder_net, encode, encoder_net
+
+ARCHITECTURES = ("mlp", "dcgan", "latent")
 NORMS = ("none", "layer", "group")  # per-sample normalisations only: no batch statistics that would mix tasks
-DEFAULT_NORMS = {"mlp": ("none", "none"), "dcgan": ("group", "none")}  # (G, D): the pairs as first published here
+DEFAULT_NORMS = {"mlp": ("none", "none"), "dcgan": ("group", "none"), "latent": ("none", "none")}  # (G, D)
 
 
 def norm_layers(kind: str, channels: int) -> list[nn.Module]:
@@ -190,6 +192,81 @@ class SupportConditionedGenerator(nn.Module):
         return self.body(torch.cat([z, code.expand(z.shape[0], -1)], dim=1))
 
 
+class FrozenNet(nn.Module):
+    """A network whose weights are buffers, not parameters: no task copy adapts them and the outer loop
+    does not learn them. They start unset; `load_` installs trained ones, and running before that is an error."""
+
+    def __init__(self, net: nn.Module, part: str):
+        super().__init__()
+        for module in net.modules():
+            for name, weight in list(module._parameters.items()):
+                del module._parameters[name]
+                module.register_buffer(name, weight.detach(), persistent=False)
+        self.net, self.part, self.loaded = net, part, False
+
+    def load_(self, state: dict[str, Tensor]) -> None:
+        """Copy trained weights {name: tensor} (the net's state_dict names) into the buffers."""
+        buffers = dict(self.net.named_buffers())
+        if buffers.keys() != state.keys() or any(buffers[k].shape != v.shape for k, v in state.items()):
+            raise ValueError(f"the autoencoder's {self.part} does not fit this model: it has "
+                             f"{ {k: tuple(v.shape) for k, v in state.items()} }, the model needs "
+                             f"{ {k: tuple(v.shape) for k, v in buffers.items()} }")
+        with torch.no_grad():
+            for name, value in state.items():
+                buffers[name].copy_(value)
+        self.loaded = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.loaded:
+            raise RuntimeError(f"the latent pair's {self.part} has no trained weights yet: install_autoencoder first")
+        return self.net(x)
+
+
+class LatentGenerator(nn.Module):
+    """z -> hidden (ReLU) -> a layer-normed code -> the frozen decoder of a pretrained autoencoder -> image.
+
+    Only the MLP head is a parameter; every code it writes decodes to a clean image, so inner steps
+    move the glyph drawn rather than the pixels (an MLP writing pixels draws its strokes in speckle).
+    """
+
+    def __init__(self, z_dim: int, image_shape: tuple[int, int, int], code_dim: int, hidden: int = 256):
+        super().__init__()
+        self.z_dim, self.image_shape, self.code_dim = z_dim, tuple(image_shape), code_dim
+        self.net = nn.Sequential(nn.Linear(z_dim, hidden), nn.ReLU(), nn.Linear(hidden, code_dim))
+        self.decoder = FrozenNet(decoder_net(self.image_shape, code_dim), "decoder")
+
+    def forward(self, z: Tensor) -> Tensor:
+        return decode(self.decoder, F.layer_norm(self.net(z), (self.code_dim,)))
+
+
+class LatentDiscriminator(nn.Module):
+    """Image -> the frozen encoder's layer-normed code -> hidden (LeakyReLU 0.01) -> logit (or `outputs` features,
+    as MLPDiscriminator: the support encoder uses that). Only the MLP head is a parameter."""
+
+    def __init__(self, image_shape: tuple[int, int, int], code_dim: int, hidden: int = 128, outputs: int = 1):
+        super().__init__()
+        self.image_shape, self.code_dim = tuple(image_shape), code_dim
+        self.encoder = FrozenNet(encoder_net(self.image_shape, code_dim), "encoder")
+        self.head = nn.Sequential(nn.Linear(code_dim, hidden), nn.LeakyReLU(0.01), nn.Linear(hidden, outputs))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(encode(self.encoder, x, self.code_dim)).squeeze(-1)
+
+
+def frozen_parts(*nets: nn.Module) -> list[FrozenNet]:
+    """Every FrozenNet inside `nets` (empty for pairs without a pretrained part)."""
+    return [module for net in nets for module in net.modules() if isinstance(module, FrozenNet)]
+
+
+def install_autoencoder(nets: tuple[nn.Module, ...], weights: AutoencoderWeights) -> None:
+    """Load a trained autoencoder into every frozen encoder and decoder of `nets` (a latent pair)."""
+    parts = frozen_parts(*nets)
+    if not parts:
+        raise ValueError("these networks have no frozen autoencoder part (model.arch is not 'latent')")
+    for part in parts:
+        part.load_(weights.encoder if part.part == "encoder" else weights.decoder)
+
+
 def build_pair(
     arch: str,
     z_dim: int,
@@ -199,13 +276,15 @@ def build_pair(
     support_dim: int = 0,
     smooth: float = 0.0,
     sample_median: int = 0,
+    code_dim: int = 64,
 ) -> tuple[nn.Module, nn.Module]:
     """A (generator, discriminator) pair. `width`: MLP hidden size of G (D gets half) or DCGAN base channels;
     `norms`: (G, D) normalisations from NORMS (default: DEFAULT_NORMS of the architecture);
     `support_dim` > 0: G is support-conditioned, with an encoder (D's architecture) of that many features;
     `smooth` > 0: G's output is blurred before its tanh (OutputSmoothing, σ in pixels);
     `sample_median` > 0: samples (not the inner loop's fakes) go through median_filter of that radius,
-    recorded as the generator's `sample_median` attribute (MetaLearner.sample reads it)."""
+    recorded as the generator's `sample_median` attribute (MetaLearner.sample reads it);
+    `code_dim`: the autoencoder code size of the latent pair, whose frozen weights install_autoencoder loads."""
     image_shape = tuple(image_shape)
     if len(image_shape) != 3 or image_shape[0] not in (1, 3):
         raise ValueError(f"image_shape must be (C, H, W) with 1 or 3 channels, got {image_shape}")
@@ -220,7 +299,14 @@ def build_pair(
         raise ValueError(f"support_dim must be 0 (a generator that does not see the shots) or at least 2 (a "
                          f"layer-normed code of one feature is always 0), got {support_dim}")
     norm_g, norm_d = norms or DEFAULT_NORMS[arch]
-    if arch == "mlp":
+    if arch == "latent":
+        if (norm_g, norm_d) != ("none", "none") or smooth:
+            raise ValueError(f"the latent pair has no normalisation or output smoothing to set (its decoder draws "
+                             f"clean images), got norms {(norm_g, norm_d)} and smooth {smooth}")
+        hidden = width or 256
+        generator = functools.partial(LatentGenerator, image_shape=image_shape, code_dim=code_dim, hidden=hidden)
+        discriminator = functools.partial(LatentDiscriminator, image_shape, code_dim, max(1, hidden // 2))
+    elif arch == "mlp":
         hidden = width or 256
         generator = functools.partial(MLPGenerator, image_shape=image_shape, hidden=hidden, norm=norm_g,
                                       smooth=smooth)

@@ -9,10 +9,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from metagan_dist.autoencoder import AutoencoderWeights
 from metagan_dist.checkpoint import TRANSPOSED_LINEAR_SINCE, load_trainer_state, resolve_checkpoint
 from metagan_dist.config import TrainConfig, from_dict
 from metagan_dist.engine import load_meta_parameters
 from metagan_dist.meta import MetaLearner
+from metagan_dist.models import frozen_parts, install_autoencoder
 
 
 @dataclass
@@ -61,6 +63,9 @@ def load_meta_learned(
         )
     image_shape = tuple(state["image_shape"])
     generator, discriminator = config.model.build(image_shape)
+    if frozen_parts(generator, discriminator):  # the latent pair: its autoencoder travels in the checkpoint
+        where = str(folder / "trainer.pt")
+        install_autoencoder((generator, discriminator), AutoencoderWeights.from_dict(state.get("autoencoder"), where))
     learner = MetaLearner(generator.to(device), discriminator.to(device), config.meta)
     for role, theta, net in (("θ_G", params.generator, learner.G), ("θ_D", params.discriminator, learner.D)):
         if theta.numel() != net.layout.numel:
