@@ -52,6 +52,9 @@ class ModelConfig:
                                 "Adam steps write and keeps strokes; 0 = off", check=at_least(0, " (0 = off)"))
     code_dim: int = opt(64, "arch=latent: code size of the autoencoder (cached as POOL/autoencoder-codeN-epochsM.pt)",
                         check=at_least(2))
+    code_noise: float = opt(0.0, "arch=latent: σ of a fixed projection of G's noise added to its layer-normed code "
+                                 "before the decoder, so samples spread around the adapted code; 0 = off",
+                            check=at_least(0, " (0 = off)"))
     autoencoder_epochs: int = opt(12, "arch=latent: epochs the autoencoder trains for on the pool's meta-train "
                                       "images when its cache is missing or was trained otherwise",
                                   check=at_least(1))
@@ -67,7 +70,7 @@ class ModelConfig:
         chosen = (self.g_norm, self.d_norm)
         norms = tuple(default if norm == "auto" else norm for norm, default in zip(chosen, DEFAULT_NORMS[self.arch]))
         return build_pair(self.arch, self.z_dim, image_shape, self.width or None, norms, self.support_dim,
-                          self.g_smooth, self.sample_median, self.code_dim)
+                          self.g_smooth, self.sample_median, self.code_dim, self.code_noise)
 
 
 @dataclass

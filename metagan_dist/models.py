@@ -223,20 +223,30 @@ class FrozenNet(nn.Module):
 
 
 class LatentGenerator(nn.Module):
-    """z -> hidden (ReLU) -> a layer-normed code -> the frozen decoder of a pretrained autoencoder -> image.
+    """z -> hidden (ReLU) -> a layer-normed code (+ σ·zP) -> the frozen decoder of a pretrained autoencoder -> image.
 
     Only the MLP head is a parameter; every code it writes decodes to a clean image, so inner steps
     move the glyph drawn rather than the pixels (an MLP writing pixels draws its strokes in speckle).
+    `code_noise` σ > 0 adds σ·zP to the code, P a fixed Gaussian projection of the first `noise_dim`
+    inputs (the noise, not the support code): a spread around the adapted code that ten inner steps do
+    not collapse, as the autoencoder's training noise did not.
     """
 
-    def __init__(self, z_dim: int, image_shape: tuple[int, int, int], code_dim: int, hidden: int = 256):
+    def __init__(self, z_dim: int, image_shape: tuple[int, int, int], code_dim: int, hidden: int = 256,
+                 code_noise: float = 0.0, noise_dim: int | None = None):
         super().__init__()
-        self.z_dim, self.image_shape, self.code_dim = z_dim, tuple(image_shape), code_dim
+        self.z_dim, self.image_shape, self.code_dim, self.code_noise = z_dim, tuple(image_shape), code_dim, code_noise
         self.net = nn.Sequential(nn.Linear(z_dim, hidden), nn.ReLU(), nn.Linear(hidden, code_dim))
         self.decoder = FrozenNet(decoder_net(self.image_shape, code_dim), "decoder")
+        noise_dim = noise_dim or z_dim
+        projection = torch.randn(noise_dim, code_dim, generator=torch.Generator().manual_seed(0)) / noise_dim**0.5
+        self.register_buffer("projection", projection, persistent=False)
 
     def forward(self, z: Tensor) -> Tensor:
-        return decode(self.decoder, F.layer_norm(self.net(z), (self.code_dim,)))
+        code = F.layer_norm(self.net(z), (self.code_dim,))
+        if self.code_noise:
+            code = code + self.code_noise * (z[..., : len(self.projection)] @ self.projection)
+        return decode(self.decoder, code)
 
 
 class LatentDiscriminator(nn.Module):
@@ -277,6 +287,7 @@ def build_pair(
     smooth: float = 0.0,
     sample_median: int = 0,
     code_dim: int = 64,
+    code_noise: float = 0.0,
 ) -> tuple[nn.Module, nn.Module]:
     """A (generator, discriminator) pair. `width`: MLP hidden size of G (D gets half) or DCGAN base channels;
     `norms`: (G, D) normalisations from NORMS (default: DEFAULT_NORMS of the architecture);
@@ -284,7 +295,8 @@ def build_pair(
     `smooth` > 0: G's output is blurred before its tanh (OutputSmoothing, σ in pixels);
     `sample_median` > 0: samples (not the inner loop's fakes) go through median_filter of that radius,
     recorded as the generator's `sample_median` attribute (MetaLearner.sample reads it);
-    `code_dim`: the autoencoder code size of the latent pair, whose frozen weights install_autoencoder loads."""
+    `code_dim`: the autoencoder code size of the latent pair, whose frozen weights install_autoencoder loads;
+    `code_noise`: σ of the latent generator's code noise (LatentGenerator)."""
     image_shape = tuple(image_shape)
     if len(image_shape) != 3 or image_shape[0] not in (1, 3):
         raise ValueError(f"image_shape must be (C, H, W) with 1 or 3 channels, got {image_shape}")
@@ -300,11 +312,14 @@ def build_pair(
                          f"layer-normed code of one feature is always 0), got {support_dim}")
     norm_g, norm_d = norms or DEFAULT_NORMS[arch]
     if arch == "latent":
+        if code_noise < 0:
+            raise ValueError(f"code_noise is the σ of the latent generator's code noise: 0 (off) or more, got {code_noise}")
         if (norm_g, norm_d) != ("none", "none") or smooth:
             raise ValueError(f"the latent pair has no normalisation or output smoothing to set (its decoder draws "
                              f"clean images), got norms {(norm_g, norm_d)} and smooth {smooth}")
         hidden = width or 256
-        generator = functools.partial(LatentGenerator, image_shape=image_shape, code_dim=code_dim, hidden=hidden)
+        generator = functools.partial(LatentGenerator, image_shape=image_shape, code_dim=code_dim, hidden=hidden,
+                                      code_noise=code_noise, noise_dim=z_dim)
         discriminator = functools.partial(LatentDiscriminator, image_shape, code_dim, max(1, hidden // 2))
     elif arch == "mlp":
         hidden = width or 256

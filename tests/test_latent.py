@@ -25,11 +25,12 @@ def fresh_weights(code_dim, seed=0):
     return AutoencoderWeights(SHAPE, code_dim, "test", enc.state_dict(), dec.state_dict())
 
 
-def latent_pair(code_dim=3, support_dim=0, width=4, z_dim=2, smooth=False):
+def latent_pair(code_dim=3, support_dim=0, width=4, z_dim=2, smooth=False, code_noise=0.0):
     """A small float64 latent pair with an untrained autoencoder installed; smooth=True swaps the frozen nets'
     ReLUs for softplus, so finite differences never straddle a kink (the heads stay as they are)."""
     torch.manual_seed(1)
-    G, D = build_pair("latent", z_dim, SHAPE, width=width, support_dim=support_dim, code_dim=code_dim)
+    G, D = build_pair("latent", z_dim, SHAPE, width=width, support_dim=support_dim, code_dim=code_dim,
+                      code_noise=code_noise)
     install_autoencoder((G, D), fresh_weights(code_dim))
     if smooth:
         for part in frozen_parts(G, D):
@@ -67,9 +68,28 @@ def test_only_the_heads_are_parameters_and_the_autoencoder_draws():
     torch.testing.assert_close(D(x), D.head(F.layer_norm(enc(x), (4,))).squeeze(-1))
 
 
+@pytest.mark.parametrize("support_dim", [0, 3])
+def test_code_noise_spreads_samples_by_a_projection_of_the_noise_only(support_dim):
+    z_dim, code_dim = 5, 4
+    G, D = build_pair("latent", z_dim, SHAPE, width=8, code_dim=code_dim, support_dim=support_dim, code_noise=0.5)
+    install_autoencoder((G, D), fresh_weights(code_dim))
+    body = G.body if support_dim else G
+    assert body.projection.shape == (z_dim, code_dim)  # the noise, not the support code
+    with torch.no_grad():
+        body.net[-1].weight.zero_()  # the head writes one code whatever its input
+    z = torch.randn(3, body.z_dim)
+    want = ae.decode(body.decoder.net, F.layer_norm(body.net[-1].bias, (code_dim,)) + 0.5 * z[:, :z_dim] @ body.projection)
+    torch.testing.assert_close(body(z), want)
+    assert (body(z)[0] - body(z)[1]).abs().max() > 1e-3
+    body.code_noise = 0.0
+    torch.testing.assert_close(body(z)[0], body(z)[1])
+
+
 def test_bad_latent_settings_are_clear_errors():
     with pytest.raises(ValueError, match="no normalisation or output smoothing"):
         build_pair("latent", 4, SHAPE, norms=("layer", "none"))
+    with pytest.raises(ValueError, match="code_noise is the σ"):
+        build_pair("latent", 4, SHAPE, code_noise=-0.1)
     with pytest.raises(ValueError, match="32x32 or 64x64"):
         build_pair("latent", 4, (1, 28, 28))
     G, D = build_pair("latent", 4, SHAPE, code_dim=4)
@@ -114,9 +134,9 @@ def test_the_cache_is_reused_retrained_for_other_settings_and_damage_is_named(tm
 
 
 @pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "metasgd"])
-@pytest.mark.parametrize("support_dim", [0, 2])
-def test_latent_pair_matches_the_per_task_loop(algorithm, support_dim):
-    G, D = latent_pair(support_dim=support_dim)
+@pytest.mark.parametrize("support_dim,code_noise", [(0, 0.0), (2, 0.0), (2, 0.5)])
+def test_latent_pair_matches_the_per_task_loop(algorithm, support_dim, code_noise):
+    G, D = latent_pair(support_dim=support_dim, code_noise=code_noise)
     rule = "adam" if algorithm in ("fomaml", "reptile") else "sgd"
     cfg = MetaConfig(algorithm=algorithm, inner_steps=2, inner_lr=0.1 if rule == "sgd" else 0.01, inner_rule=rule,
                      d_steps=2)
