@@ -3,6 +3,7 @@
     python launch/train.py                                    # CPU quick-start on the embedded glyphs pool
     python launch/train.py --config launch/configs/gpu_dcgan.yaml run.steps=20000
     torchrun --nproc_per_node=8 launch/train.py --config launch/configs/gpu_mlp.yaml
+    python launch/train.py --config launch/configs/cpu_latent.yaml   # heads on a frozen autoencoder of the pool
 
 One meta-step: every rank draws T tasks and sums their meta-gradients (all T task copies adapted
 at once); the sums are all-reduced and divided by the global task count; the outer optimizer then

@@ -228,8 +228,8 @@ class LatentGenerator(nn.Module):
     Only the MLP head is a parameter; every code it writes decodes to a clean image, so inner steps
     move the glyph drawn rather than the pixels (an MLP writing pixels draws its strokes in speckle).
     `code_noise` σ > 0 adds σ·zP to the code, P a fixed Gaussian projection of the first `noise_dim`
-    inputs (the noise, not the support code): a spread around the adapted code that ten inner steps do
-    not collapse, as the autoencoder's training noise did not.
+    inputs (the noise, not the support code), so the samples of a task spread around the adapted code;
+    without it, ten inner steps collapse them to nearly one image.
     """
 
     def __init__(self, z_dim: int, image_shape: tuple[int, int, int], code_dim: int, hidden: int = 256,
