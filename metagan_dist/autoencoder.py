@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +84,9 @@ class AutoencoderWeights:
     decoder: dict[str, Tensor]
 
     def as_dict(self) -> dict:
-        return {"format": FORMAT, **asdict(self), "image_shape": list(self.image_shape)}
+        """Plain values for torch.save (the weights by reference: no copy per checkpoint)."""
+        return {"format": FORMAT, "image_shape": list(self.image_shape), "code_dim": self.code_dim,
+                "fingerprint": self.fingerprint, "encoder": self.encoder, "decoder": self.decoder}
 
     @classmethod
     def from_dict(cls, values: dict, where: str) -> AutoencoderWeights:
