@@ -45,6 +45,21 @@ def test_atomic_file_write_leaves_no_temporary_file(tmp_path):
     assert torch.equal(torch.load(target)["a"], torch.zeros(3))
 
 
+def test_a_failed_save_leaves_the_old_file_and_no_temporary_file(tmp_path, monkeypatch):
+    target = tmp_path / "cache.pt"
+    target.write_bytes(b"previous cache")
+
+    def failing_save(obj, file):
+        file.write(b"half a fi")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_file_atomic({"x": 1}, target)
+    assert target.read_bytes() == b"previous cache"
+    assert [p.name for p in tmp_path.iterdir()] == ["cache.pt"]
+
+
 def test_damage_and_other_versions_are_named(tmp_path):
     store = CheckpointStore(tmp_path, keep=3)
     write_checkpoint(store, 10)

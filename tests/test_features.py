@@ -143,21 +143,6 @@ def test_a_cache_from_other_data_is_rejected_or_retrained(tmp_path, pool):
     )
 
 
-def test_a_failed_save_leaves_the_old_cache_and_no_temporary_file(tmp_path, pool, monkeypatch):
-    cache = tmp_path / "feature_net.pt"
-    cache.write_bytes(b"previous cache")
-
-    def failing_save(payload, file):
-        file.write(b"half a fi")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(features.torch, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
-        features._save_atomically({"x": 1}, cache)
-    assert cache.read_bytes() == b"previous cache"
-    assert [p.name for p in tmp_path.iterdir()] == ["feature_net.pt"]
-
-
 def test_an_unreadable_cache_is_a_clear_error(tmp_path, pool):
     cache = tmp_path / "feature_net.pt"
     cache.write_bytes(b"not a torch file")

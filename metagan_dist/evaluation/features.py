@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
+
+from metagan_dist.checkpoint import save_file_atomic
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def load_or_train_feature_net(
         log.warning("%s; retraining", message)
     net = train_feature_net(images, labels, epochs=epochs, seed=seed, corruptions=corruptions, device=device,
                             progress=progress)
-    _save_atomically(
+    save_file_atomic(
         {
             "fingerprint": fingerprint,
             "config": asdict(net.config),
@@ -278,21 +278,6 @@ def _net_from_cache(cached: dict, device: str | torch.device) -> FeatureNet:
     net.load_state_dict(cached["state_dict"])
     net.heldout_accuracy = cached["heldout_accuracy"]
     return net.to(device).eval()
-
-
-def _save_atomically(payload: dict, path: Path) -> None:
-    """Write to a temporary file beside path, fsync it, then os.replace: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(payload, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _check_training_data(images: np.ndarray, labels: np.ndarray) -> None:
