@@ -60,3 +60,22 @@ def test_targets_use_the_mean_of_the_quick_start_runs_not_the_best_run():
     _, missed = fsq.target_lines(report, members)
     # the best run alone (0.9, precision 0.8) would pass everything but recall; the mean misses these:
     assert missed == ["margin_pretrain", "recall"]
+
+
+def test_a_family_without_the_quick_start_is_checked_on_its_own_baselines_and_has_no_quick_start_target():
+    members = {fsq.LATENT: ["latent_s0", "latent_s1"]}
+    report = {
+        "methods": [
+            _row("latent_s0 (meta)", "meta-learned", {"0": 0.05, "10": 0.9}, precision=0.7, recall=0.3),
+            _row("latent_s1 (meta)", "meta-learned", {"0": 0.05, "10": 0.8}, precision=0.5, recall=0.1),
+            _row("scratch (adam:0.02:0)", "baseline", {"0": 0.05, "10": 0.7}),
+            _row("pretrain-finetune (adam:0.01:0)", "baseline", {"0": 0.05, "10": 0.2}),
+        ],
+        "best": {"scratch": "scratch (adam:0.02:0)", "pretrain-finetune": "pretrain-finetune (adam:0.01:0)"},
+    }
+    got = fsq.measured(report, members)
+    assert "quickstart" not in got
+    assert got["margin_scratch"][0] == pytest.approx(0.15)  # (0.9 + 0.8) / 2 - 0.7
+    assert got["recall"][0] == pytest.approx(0.2)
+    _, missed = fsq.target_lines(report, members)
+    assert missed == ["margin_scratch"]
