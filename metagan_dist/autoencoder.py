@@ -166,7 +166,6 @@ def load_or_train_autoencoder(
         log.warning("autoencoder cache %s was trained on other images or settings; retraining", cache_path)
     weights = train_autoencoder(images, code_dim, epochs=epochs, noise=noise, seed=seed, device=device,
                                 progress=progress)
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
     save_file_atomic(weights.as_dict(), cache_path)
     return weights
 

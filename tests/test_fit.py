@@ -7,13 +7,16 @@ The judge is the evaluation's: the corruption-trained recognition net cached bes
 (trained on the meta-train tasks on first use), prototypes from each task's images other than the shots.
 Three tasks are fitted side by side as three independent GANs: their mean must reach 0.9 and each 0.8,
 since a single GAN run is chaotic (one task scored 0.89 on one machine and 0.98 on another). One torch
-thread, so the trajectory does not depend on the machine's core count. Slow: about 30 s (mlp) and
-60 s (dcgan) on an idle core, plus the judge's training on a fresh machine.
+thread, so the trajectory does not depend on the machine's core count. The latent pair's heads fit over
+the pool's autoencoder as shipped (12 epochs, cached in the pool's folder; with 1 or 4 epochs its decoder
+could not draw every task). Slow: about 30 s (mlp), 60 s (dcgan) and 40 s (latent) on an idle core, plus
+the judge's and the autoencoder's training (about 2 min each) on a fresh machine.
 """
 
 import pytest
 import torch
 
+from metagan_dist.autoencoder import pool_autoencoder
 from metagan_dist.config import ModelConfig
 from metagan_dist.data import Pool, ensure_glyphs_pool
 from metagan_dist.evaluation.evaluate import meta_train_images
@@ -21,21 +24,22 @@ from metagan_dist.evaluation.features import RECOGNITION_FILE, load_or_train_fea
 from metagan_dist.evaluation.metrics import recognizability
 from metagan_dist.inner import InnerAdam
 from metagan_dist.meta import MetaConfig, MetaLearner
+from metagan_dist.models import install_autoencoder
 
 pytestmark = pytest.mark.slow
 SHOTS, WAYS, FITTED, SAMPLES = 4, 20, 3, 64
 # A plain GAN recipe (Adam 2e-3, β 0.5/0.999, 16 fakes a step, one D step), not the meta-learning one.
-STEPS, RULE, FAKES = {"mlp": 1200, "dcgan": 500}, InnerAdam(2e-3, (0.5, 0.999)), 16
+STEPS, RULE, FAKES = {"mlp": 1200, "dcgan": 500, "latent": 300}, InnerAdam(2e-3, (0.5, 0.999)), 16
 
 
 @pytest.fixture(scope="module")
 def glyph_tasks():
-    """The judge, and WAYS held-out tasks' images in [-1, 1] (the first SHOTS of each are its shots)."""
+    """The pool, the judge, and WAYS held-out tasks' images in [-1, 1] (the first SHOTS of each are its shots)."""
     pool = Pool(ensure_glyphs_pool())
     judge = load_or_train_feature_net(pool.path / RECOGNITION_FILE, *meta_train_images(pool), corruptions=True,
                                       progress=False)
     tasks = pool.load_tasks("test", pool.keys("test")[:WAYS])
-    return judge, pool.image_shape, [uint8_to_unit_range(images) for images in tasks.values()]
+    return pool, judge, [uint8_to_unit_range(images) for images in tasks.values()]
 
 
 @pytest.fixture
@@ -46,11 +50,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("arch", ["mlp", "dcgan"])
+@pytest.mark.parametrize("arch", ["mlp", "dcgan", "latent"])
 def test_a_gan_from_scratch_learns_the_4_shots_of_one_task(glyph_tasks, arch, one_thread):
-    judge, image_shape, tasks = glyph_tasks
+    pool, judge, tasks = glyph_tasks
+    model = ModelConfig(arch=arch)
     torch.manual_seed(0)
-    learner = MetaLearner(*ModelConfig(arch=arch).build(tuple(image_shape)), MetaConfig(algorithm="reptile"))
+    nets = model.build(tuple(pool.image_shape))
+    if arch == "latent":  # trained (or loaded) with its own seed: the global one stays as the other nets left it
+        install_autoencoder(nets, pool_autoencoder(pool, model.code_dim, model.autoencoder_epochs, progress=False))
+    learner = MetaLearner(*nets, MetaConfig(algorithm="reptile"))
     shots = torch.stack([images[:SHOTS] for images in tasks[:FITTED]])  # FITTED tasks fitted side by side
     fit = learner.start_adaptation(learner.G.flat_parameters(), learner.D.flat_parameters(), FITTED, (RULE, RULE))
     noise = torch.Generator().manual_seed(0)
