@@ -1,6 +1,9 @@
 """Few-shot quality on the glyphs pool: meta-train the recipes, evaluate them against the baselines, check the targets.
 
-    python benchmarks/few_shot_quality.py      # the RESULTS.md figures (about 45 min on 2 CPU cores)
+    python benchmarks/few_shot_quality.py      # the RESULTS.md figures
+
+The MLP family alone (`--latent-seeds 0`) took 25 min on one 2-core AMD EPYC and 76 min on a slower one
+(benchmarks/RESULTS.md); the latent pair adds its two meta-training runs and one more evaluation.
 
 A smoke run, with fewer tasks, seeds and meta-steps:
 
