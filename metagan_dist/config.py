@@ -55,6 +55,10 @@ class ModelConfig:
     code_noise: float = opt(0.0, "arch=latent: σ of a fixed projection of G's noise added to its layer-normed code "
                                  "before the decoder, so samples spread around the adapted code; 0 = off",
                             check=at_least(0, " (0 = off)"))
+    shot_mix: float = opt(0.0, "arch=latent with support_dim > 0: σ of a spread of G's code over its shots' fonts, "
+                               "σ·Σ_j w_j (c_j − c̄) with c_j the encoder's code of shot j and w = softmax(6·z[:k]) − "
+                               "1/k, so each sample leans towards one shot's font; 0 = off",
+                          check=at_least(0, " (0 = off)"))
     autoencoder_epochs: int = opt(12, "arch=latent: epochs the autoencoder trains for on the pool's meta-train "
                                       "images when its cache is missing or was trained otherwise",
                                   check=at_least(1))
@@ -70,7 +74,7 @@ class ModelConfig:
         chosen = (self.g_norm, self.d_norm)
         norms = tuple(default if norm == "auto" else norm for norm, default in zip(chosen, DEFAULT_NORMS[self.arch]))
         return build_pair(self.arch, self.z_dim, image_shape, self.width or None, norms, self.support_dim,
-                          self.g_smooth, self.sample_median, self.code_dim, self.code_noise)
+                          self.g_smooth, self.sample_median, self.code_dim, self.code_noise, self.shot_mix)
 
 
 @dataclass

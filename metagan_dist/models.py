@@ -21,6 +21,9 @@ from metagan_dist.autoencoder import AutoencoderWeights, decode, decoder_net, en
 
 ARCHITECTURES = ("mlp", "dcgan", "latent")
 NORMS = ("none", "layer", "group")  # per-sample normalisations only: no batch statistics that would mix tasks
+# τ of ShotMixingGenerator's weights softmax(τ·z): 6 put most of a sample's weight on one shot and scored a
+# little higher than 3 in precision and recall (RESULTS.md, "Round 16").
+SHOT_MIX_SHARPNESS = 6.0
 DEFAULT_NORMS = {"mlp": ("none", "none"), "dcgan": ("group", "none"), "latent": ("none", "none")}  # (G, D)
 
 
@@ -188,8 +191,12 @@ class SupportConditionedGenerator(nn.Module):
         self.support_dim = support_dim
 
     def forward(self, z: Tensor, shots: Tensor) -> Tensor:
+        return self.body(self.body_input(z, shots))
+
+    def body_input(self, z: Tensor, shots: Tensor) -> Tensor:
+        """[z, the shots' code] [n, z_dim + support_dim]: what the body sees."""
         code = F.layer_norm(self.encoder(shots).reshape(len(shots), -1).mean(0), (self.support_dim,))
-        return self.body(torch.cat([z, code.expand(z.shape[0], -1)], dim=1))
+        return torch.cat([z, code.expand(z.shape[0], -1)], dim=1)
 
 
 class FrozenNet(nn.Module):
@@ -243,10 +250,14 @@ class LatentGenerator(nn.Module):
         self.register_buffer("projection", projection, persistent=False)
 
     def forward(self, z: Tensor) -> Tensor:
+        return decode(self.decoder, self.code(z))
+
+    def code(self, z: Tensor) -> Tensor:
+        """The code [n, code_dim] the decoder draws: the head's layer-normed output (+ σ·zP)."""
         code = F.layer_norm(self.net(z), (self.code_dim,))
         if self.code_noise:
             code = code + self.code_noise * (z[..., : len(self.projection)] @ self.projection)
-        return decode(self.decoder, code)
+        return code
 
 
 class LatentDiscriminator(nn.Module):
@@ -261,6 +272,32 @@ class LatentDiscriminator(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(encode(self.encoder, x, self.code_dim)).squeeze(-1)
+
+
+class ShotMixingGenerator(SupportConditionedGenerator):
+    """The latent pair's support-conditioned G, its samples spread over the shots' fonts: the body's code
+    plus σ·Σ_j w_j (c_j − c̄), c_j the frozen encoder's code of shot j and c̄ their mean.
+
+    The weights w = softmax(τ·z[:k]) − 1/k come from the first k noise inputs: most of a sample's
+    weight falls on one shot, so each sample moves from the adapted code towards one shot's font,
+    as the shots differ from each other, and never towards their average. A random init gets the
+    same spread: it adds variety, not the task (RESULTS.md, "Round 16").
+    """
+
+    def __init__(self, body: LatentGenerator, encoder: LatentDiscriminator, z_dim: int, support_dim: int,
+                 shot_mix: float, sharpness: float = SHOT_MIX_SHARPNESS):
+        super().__init__(body, encoder, z_dim, support_dim)
+        self.shot_mix, self.sharpness = shot_mix, sharpness
+
+    def forward(self, z: Tensor, shots: Tensor) -> Tensor:
+        shots_n = len(shots)
+        if shots_n > self.z_dim:
+            raise ValueError(f"model.shot_mix weighs k={shots_n} shots by the first k of z_dim={self.z_dim} noise "
+                             f"inputs: use at most {self.z_dim} shots or a larger model.z_dim")
+        shot_codes = encode(self.encoder.encoder, shots, self.body.code_dim)
+        weights = torch.softmax(self.sharpness * z[:, :shots_n], dim=1) - 1.0 / shots_n
+        spread = weights @ (shot_codes - shot_codes.mean(0))
+        return decode(self.body.decoder, self.body.code(self.body_input(z, shots)) + self.shot_mix * spread)
 
 
 def frozen_parts(*nets: nn.Module) -> list[FrozenNet]:
@@ -288,6 +325,7 @@ def build_pair(
     sample_median: int = 0,
     code_dim: int = 64,
     code_noise: float = 0.0,
+    shot_mix: float = 0.0,
 ) -> tuple[nn.Module, nn.Module]:
     """A (generator, discriminator) pair. `width`: MLP hidden size of G (D gets half) or DCGAN base channels;
     `norms`: (G, D) normalisations from NORMS (default: DEFAULT_NORMS of the architecture);
@@ -296,7 +334,8 @@ def build_pair(
     `sample_median` > 0: samples (not the inner loop's fakes) go through median_filter of that radius,
     recorded as the generator's `sample_median` attribute (MetaLearner.sample reads it);
     `code_dim`: the autoencoder code size of the latent pair, whose frozen weights install_autoencoder loads;
-    `code_noise`: σ of the latent generator's code noise (LatentGenerator)."""
+    `code_noise`: σ of the latent generator's code noise (LatentGenerator);
+    `shot_mix`: σ of the spread over the shots' fonts of a support-conditioned latent G (ShotMixingGenerator)."""
     image_shape = tuple(image_shape)
     if len(image_shape) != 3 or image_shape[0] not in (1, 3):
         raise ValueError(f"image_shape must be (C, H, W) with 1 or 3 channels, got {image_shape}")
@@ -310,6 +349,12 @@ def build_pair(
     if support_dim < 0 or support_dim == 1:
         raise ValueError(f"support_dim must be 0 (a generator that does not see the shots) or at least 2 (a "
                          f"layer-normed code of one feature is always 0), got {support_dim}")
+    if shot_mix < 0:
+        raise ValueError(f"shot_mix is the σ of the samples' spread over the shots' fonts: 0 (off) or more, "
+                         f"got {shot_mix}")
+    if shot_mix and (arch != "latent" or not support_dim):
+        raise ValueError(f"shot_mix spreads a support-conditioned latent generator's codes over its shots' codes: it "
+                         f"needs arch 'latent' and support_dim > 0, got arch {arch!r} and support_dim {support_dim}")
     norm_g, norm_d = norms or DEFAULT_NORMS[arch]
     if arch == "latent":
         if code_noise < 0:
@@ -331,7 +376,10 @@ def build_pair(
         generator = functools.partial(DCGANGenerator, image_shape=image_shape, width=base, norm=norm_g,
                                       smooth=smooth)
         discriminator = functools.partial(DCGANDiscriminator, image_shape, base, norm_d)
-    if support_dim:
+    if shot_mix:
+        g = ShotMixingGenerator(generator(z_dim + support_dim), discriminator(outputs=support_dim), z_dim, support_dim,
+                                shot_mix)
+    elif support_dim:
         g = SupportConditionedGenerator(generator(z_dim + support_dim), discriminator(outputs=support_dim), z_dim,
                                         support_dim)
     else:

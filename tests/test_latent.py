@@ -11,7 +11,8 @@ from metagan_dist import MetaConfig, build_pair, meta_gradients
 from metagan_dist import autoencoder as ae
 from metagan_dist.autoencoder import AutoencoderWeights, decoder_net, encoder_net, load_or_train_autoencoder
 from metagan_dist.evaluation.checkpoint_model import load_meta_learned
-from metagan_dist.models import frozen_parts, install_autoencoder
+from metagan_dist.config import ModelConfig
+from metagan_dist.models import ShotMixingGenerator, frozen_parts, install_autoencoder
 from test_meta_gradients import central_difference, flat_params, make_batch, mean_objective, reference_grads, rel_err
 from train_utils import finish, make_square_pool, torchrun, train, tiny_run_args
 
@@ -25,12 +26,12 @@ def fresh_weights(code_dim, seed=0):
     return AutoencoderWeights(SHAPE, code_dim, "test", enc.state_dict(), dec.state_dict())
 
 
-def latent_pair(code_dim=3, support_dim=0, width=4, z_dim=2, smooth=False, code_noise=0.0):
+def latent_pair(code_dim=3, support_dim=0, width=4, z_dim=2, smooth=False, code_noise=0.0, shot_mix=0.0):
     """A small float64 latent pair with an untrained autoencoder installed; smooth=True swaps the frozen nets'
     ReLUs for softplus, so finite differences never straddle a kink (the heads stay as they are)."""
     torch.manual_seed(1)
     G, D = build_pair("latent", z_dim, SHAPE, width=width, support_dim=support_dim, code_dim=code_dim,
-                      code_noise=code_noise)
+                      code_noise=code_noise, shot_mix=shot_mix)
     install_autoencoder((G, D), fresh_weights(code_dim))
     if smooth:
         for part in frozen_parts(G, D):
@@ -85,11 +86,47 @@ def test_code_noise_spreads_samples_by_a_projection_of_the_noise_only(support_di
     torch.testing.assert_close(body(z)[0], body(z)[1])
 
 
+def test_shot_mix_moves_each_sample_towards_one_shots_code():
+    z_dim, code_dim, support_dim, k = 6, 4, 3, 4
+    G, D = build_pair("latent", z_dim, SHAPE, width=8, code_dim=code_dim, support_dim=support_dim, shot_mix=0.7)
+    weights = fresh_weights(code_dim)
+    install_autoencoder((G, D), weights)
+    # An independent reference: plain modules loaded with the same weights, the heads' own layers.
+    enc, dec = encoder_net(SHAPE, code_dim), decoder_net(SHAPE, code_dim)
+    enc.load_state_dict(weights.encoder)
+    dec.load_state_dict(weights.decoder)
+    z, shots = torch.randn(5, z_dim), torch.rand(k, *SHAPE) * 2 - 1
+    support_code = F.layer_norm(G.encoder.head(F.layer_norm(enc(shots), (code_dim,))).mean(0), (support_dim,))
+    head = F.layer_norm(G.body.net(torch.cat([z, support_code.expand(5, -1)], 1)), (code_dim,))
+    shot_codes = F.layer_norm(enc(shots), (code_dim,))
+    mix = torch.softmax(6.0 * z[:, :k], 1) - 1 / k
+    want = 2 * torch.sigmoid(dec(head + 0.7 * mix @ (shot_codes - shot_codes.mean(0)))) - 1
+    torch.testing.assert_close(G(z, shots), want, rtol=1e-5, atol=1e-6)
+    # Equal weights on every shot: no spread, the plain support-conditioned sample.
+    even = z.clone()
+    even[:, :k] = 0.3
+    plain = 2 * torch.sigmoid(dec(F.layer_norm(G.body.net(torch.cat([even, support_code.expand(5, -1)], 1)),
+                                               (code_dim,)))) - 1
+    torch.testing.assert_close(G(even, shots), plain, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="k=7 shots by the first k of z_dim=6"):
+        G(z, torch.rand(7, *SHAPE))
+    # The config builds it (and a checkpoint rebuilds it) from model.shot_mix.
+    built, _ = ModelConfig(arch="latent", support_dim=3, shot_mix=0.7).build(SHAPE)
+    assert isinstance(built, ShotMixingGenerator) and built.shot_mix == 0.7
+    with pytest.raises(ValueError, match=r"model.shot_mix must be >= 0 \(0 = off\), got -1.0"):
+        ModelConfig(arch="latent", support_dim=3, shot_mix=-1.0)
+
+
 def test_bad_latent_settings_are_clear_errors():
     with pytest.raises(ValueError, match="no normalisation or output smoothing"):
         build_pair("latent", 4, SHAPE, norms=("layer", "none"))
     with pytest.raises(ValueError, match="code_noise is the σ"):
         build_pair("latent", 4, SHAPE, code_noise=-0.1)
+    with pytest.raises(ValueError, match="shot_mix is the σ"):
+        build_pair("latent", 4, SHAPE, support_dim=2, shot_mix=-0.1)
+    for arch, support_dim in (("latent", 0), ("mlp", 2)):
+        with pytest.raises(ValueError, match=f"needs arch 'latent' and support_dim > 0, got arch '{arch}'"):
+            build_pair(arch, 4, SHAPE, support_dim=support_dim, shot_mix=0.5)
     with pytest.raises(ValueError, match="32x32 or 64x64"):
         build_pair("latent", 4, (1, 28, 28))
     G, D = build_pair("latent", 4, SHAPE, code_dim=4)
@@ -134,9 +171,10 @@ def test_the_cache_is_reused_retrained_for_other_settings_and_damage_is_named(tm
 
 
 @pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "metasgd"])
-@pytest.mark.parametrize("support_dim,code_noise", [(0, 0.0), (2, 0.0), (2, 0.5)])
-def test_latent_pair_matches_the_per_task_loop(algorithm, support_dim, code_noise):
-    G, D = latent_pair(support_dim=support_dim, code_noise=code_noise)
+@pytest.mark.parametrize("support_dim,code_noise,shot_mix",
+                         [(0, 0.0, 0.0), (2, 0.0, 0.0), (2, 0.5, 0.0), (2, 0.0, 1.0)])
+def test_latent_pair_matches_the_per_task_loop(algorithm, support_dim, code_noise, shot_mix):
+    G, D = latent_pair(support_dim=support_dim, code_noise=code_noise, shot_mix=shot_mix, z_dim=3 if shot_mix else 2)
     rule = "adam" if algorithm in ("fomaml", "reptile") else "sgd"
     cfg = MetaConfig(algorithm=algorithm, inner_steps=2, inner_lr=0.1 if rule == "sgd" else 0.01, inner_rule=rule,
                      d_steps=2)
