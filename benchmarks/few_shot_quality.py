@@ -2,8 +2,8 @@
 
     python benchmarks/few_shot_quality.py      # the RESULTS.md figures
 
-The MLP family alone (`--latent-seeds 0`) took 25 min on one 2-core AMD EPYC and 76 min on a slower one
-(benchmarks/RESULTS.md); the latent pair adds its two meta-training runs and one more evaluation.
+The MLP family alone (`--latent-seeds 0`) took 25 min on one 2-core AMD EPYC and 76 min on a slower one;
+the whole run took 79 min on a 2-core Intel Xeon, with probes sharing its cores (benchmarks/RESULTS.md).
 
 A smoke run, with fewer tasks, seeds and meta-steps:
 
