@@ -191,11 +191,12 @@ class SupportConditionedGenerator(nn.Module):
         self.support_dim = support_dim
 
     def forward(self, z: Tensor, shots: Tensor) -> Tensor:
-        return self.body(self.body_input(z, shots))
+        return self.body(self.body_input(z, self.encoder(shots)))
 
-    def body_input(self, z: Tensor, shots: Tensor) -> Tensor:
-        """[z, the shots' code] [n, z_dim + support_dim]: what the body sees."""
-        code = F.layer_norm(self.encoder(shots).reshape(len(shots), -1).mean(0), (self.support_dim,))
+    def body_input(self, z: Tensor, features: Tensor) -> Tensor:
+        """What the body sees, [z, the shots' code] [n, z_dim + support_dim], from the encoder's features of
+        the k shots [k, ...]."""
+        code = F.layer_norm(features.reshape(len(features), -1).mean(0), (self.support_dim,))
         return torch.cat([z, code.expand(z.shape[0], -1)], dim=1)
 
 
@@ -271,7 +272,11 @@ class LatentDiscriminator(nn.Module):
         self.head = nn.Sequential(nn.Linear(code_dim, hidden), nn.LeakyReLU(0.01), nn.Linear(hidden, outputs))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(encode(self.encoder, x, self.code_dim)).squeeze(-1)
+        return self.head(self.code(x)).squeeze(-1)
+
+    def code(self, x: Tensor) -> Tensor:
+        """The frozen encoder's layer-normed code [n, code_dim] of images x, which the head judges."""
+        return encode(self.encoder, x, self.code_dim)
 
 
 class ShotMixingGenerator(SupportConditionedGenerator):
@@ -285,19 +290,20 @@ class ShotMixingGenerator(SupportConditionedGenerator):
     """
 
     def __init__(self, body: LatentGenerator, encoder: LatentDiscriminator, z_dim: int, support_dim: int,
-                 shot_mix: float, sharpness: float = SHOT_MIX_SHARPNESS):
+                 shot_mix: float):
         super().__init__(body, encoder, z_dim, support_dim)
-        self.shot_mix, self.sharpness = shot_mix, sharpness
+        self.shot_mix = shot_mix
 
     def forward(self, z: Tensor, shots: Tensor) -> Tensor:
         shots_n = len(shots)
         if shots_n > self.z_dim:
             raise ValueError(f"model.shot_mix weighs k={shots_n} shots by the first k of z_dim={self.z_dim} noise "
                              f"inputs: use at most {self.z_dim} shots or a larger model.z_dim")
-        shot_codes = encode(self.encoder.encoder, shots, self.body.code_dim)
-        weights = torch.softmax(self.sharpness * z[:, :shots_n], dim=1) - 1.0 / shots_n
+        shot_codes = self.encoder.code(shots)  # encoded once: the support code and the spread share them
+        weights = torch.softmax(SHOT_MIX_SHARPNESS * z[:, :shots_n], dim=1) - 1.0 / shots_n
         spread = weights @ (shot_codes - shot_codes.mean(0))
-        return decode(self.body.decoder, self.body.code(self.body_input(z, shots)) + self.shot_mix * spread)
+        code = self.body.code(self.body_input(z, self.encoder.head(shot_codes)))
+        return decode(self.body.decoder, code + self.shot_mix * spread)
 
 
 def frozen_parts(*nets: nn.Module) -> list[FrozenNet]:
