@@ -23,6 +23,7 @@ for _signal in (signal.SIGTERM, signal.SIGUSR1):
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import sys  # noqa: E402
@@ -51,6 +52,7 @@ from metagan_dist.distributed import (  # noqa: E402
 from metagan_dist.engine import (  # noqa: E402
     MetaParameters, agree_and_step, build_engine, fail_step, read_deepspeed_config,
 )
+from metagan_dist.evaluation.selection import CheckpointScorer  # noqa: E402
 from metagan_dist.memory import keep_freed_memory  # noqa: E402
 from metagan_dist.models import frozen_parts, install_autoencoder  # noqa: E402
 from metagan_dist.monitor import GradientLog, Monitor, logger, setup_logging  # noqa: E402
@@ -219,6 +221,12 @@ def main(argv: list[str] | None = None) -> None:
     engine = build_engine(params, cfg.engine.name, cfg.optim, ctx, total_steps=cfg.run.steps,
                           bucket_mb=cfg.engine.bucket_mb, ds_config=setup.ds_config)
     noise = torch.Generator().manual_seed(rank_seed(cfg.run.seed, ctx.rank, purpose=1))
+    # Rank 0 scores every checkpoint (run.select_tasks); the feature nets train here on first use.
+    scorer, _, stopping = agree_on_set_up("to score checkpoints", lambda: CheckpointScorer(
+        pool, learner, cfg.run.select_tasks, cfg.run.sample_shots, cfg.run.sample_steps, ctx.device)
+        if ctx.is_main and cfg.run.select_tasks else None, stop)
+    if stopping:
+        return stopped_during_set_up(stopping, ctx, store)
 
     # ---- resume from the run folder's latest checkpoint, if it has one ----
     step, skipped, clipped, start_time = 0, 0, 0, time.perf_counter()
@@ -286,6 +294,15 @@ def main(argv: list[str] | None = None) -> None:
                            "its shutdown timeout (30 s unless --shutdown-timeout or TORCH_ELASTIC_SHUTDOWN_TIMEOUT "
                            "says otherwise; launch/slurm/train.sbatch widens it)", seconds)
 
+    def score_checkpoint(at: int) -> None:
+        """Rank 0: score the checkpoint of step `at`; BEST names it if it beats every earlier one."""
+        score = scorer(params.generator, params.discriminator, params.inner_lrs())
+        monitor.log(at, {"select_recognizability": score})
+        best = store.best()
+        if math.isfinite(score) and (best is None or score > best[1]):
+            store.mark_best(at, score)
+            monitor.write(f"best checkpoint so far: step {at}, recognizability {score:.3f} ({scorer.description})")
+
     verify_replicas(params.flat(), step)
     gradients = GradientLog(clipped)
     monitor = Monitor(out_dir, cfg.run.steps, step, enabled=ctx.is_main)
@@ -339,6 +356,8 @@ def main(argv: list[str] | None = None) -> None:
         # A stop checkpoints first and draws no samples: it must fit the launcher's kill window.
         if step % cfg.run.checkpoint_every == 0 or finished or outcome.stop:
             save_checkpoint(step)
+            if scorer is not None and not outcome.stop:
+                score_checkpoint(step)
         if ctx.is_main and not outcome.stop and (step % cfg.run.sample_every == 0 or finished):
             write_samples(step)
         if outcome.stop:
@@ -355,6 +374,9 @@ def main(argv: list[str] | None = None) -> None:
               f"  meta-parameters identical on {ctx.world_size} rank(s): sha256 {digest[:16]}\n"
               f"  samples:     {out_dir / 'samples'}\n  metrics:     {out_dir / 'metrics.jsonl'}\n"
               f"  tensorboard: {out_dir / 'tensorboard'}\n  checkpoint:  {store.latest()}", flush=True)
+        if (best := store.best()) is not None:
+            print(f"  best:        {best[0]} (recognizability {best[1]:.3f} on meta-train tasks; adapt.py and "
+                  f"evaluate.py read it from the run folder)", flush=True)
     shutdown()
 
 

@@ -2,14 +2,16 @@
 
     out_dir/checkpoints/step-00000200/   trainer.pt (+ the engine's files)
     out_dir/checkpoints/LATEST           "step-00000200"
+    out_dir/checkpoints/BEST             {"checkpoint": "step-00000100", "step": 100, "score": 0.66}
 
 A checkpoint is written into `step-N.tmp/`, every file flushed and fsynced, then the folder is
 renamed and LATEST replaced atomically; a crash at any point leaves LATEST naming a complete
-checkpoint. Only the last `keep` checkpoints are kept.
+checkpoint. Only the last `keep` checkpoints are kept, and the one BEST names (run.select_tasks).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -114,10 +116,33 @@ class CheckpointStore:
             raise FileNotFoundError(f"{pointer} names {folder}, which holds no trainer.pt: the run folder is damaged")
         return folder
 
+    def mark_best(self, step: int, score: float) -> None:
+        """Name the published checkpoint of `step` the best so far, with its selection score (rank 0)."""
+        if not (self.dir / self.tag(step) / "trainer.pt").is_file():
+            raise FileNotFoundError(f"no published checkpoint of step {step} in {self.dir} to mark as the best")
+        write_text_atomic(self.dir / "BEST", json.dumps({"checkpoint": self.tag(step), "step": step, "score": score}))
+
+    def best(self) -> tuple[Path, float] | None:
+        """The checkpoint folder BEST names and its score, or None if the run has scored none."""
+        pointer = self.dir / "BEST"
+        if not pointer.exists():
+            return None
+        try:
+            record = json.loads(pointer.read_text())
+            folder, score = self.dir / record["checkpoint"], float(record["score"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{pointer} is damaged ({err}): delete it, and the next scored checkpoint "
+                             f"writes it anew") from None
+        if not (folder / "trainer.pt").is_file():
+            raise FileNotFoundError(f"{pointer} names {folder}, which holds no trainer.pt: the run folder is damaged")
+        return folder, score
+
     def _prune(self) -> None:
+        best = self.best()
         done = sorted(p for p in self.dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
         for old in done[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if best is None or old != best[0]:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def load_trainer_state(folder: Path, resume: bool = False) -> dict[str, Any]:
@@ -139,12 +164,15 @@ def load_trainer_state(folder: Path, resume: bool = False) -> dict[str, Any]:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder from either a run folder (its latest checkpoint) or a checkpoint folder."""
+    """A checkpoint folder from either a run folder (its best checkpoint if it scored any, else its latest)
+    or a checkpoint folder."""
     path = Path(path)
     if (path / "trainer.pt").is_file():
         return path
     if (path / "checkpoints").is_dir():
-        latest = CheckpointStore(path, keep=1).latest()
-        if latest is not None:
-            return latest
+        store = CheckpointStore(path, keep=1)
+        chosen = store.best()
+        chosen = chosen[0] if chosen is not None else store.latest()
+        if chosen is not None:
+            return chosen
     raise FileNotFoundError(f"{path} is neither a checkpoint folder (with trainer.pt) nor a run folder with checkpoints")

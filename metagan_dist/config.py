@@ -136,8 +136,14 @@ class RunConfig:
     sample_steps: int = opt(10, "inner steps the sample grids adapt for before drawing (meta-test S; may differ "
                                 "from meta.inner_steps)", check=at_least(1))
     checkpoint_every: int = opt(100, "checkpoint every N steps (and at exit)", check=at_least(1))
-    keep_checkpoints: int = opt(3, "checkpoints kept in out_dir/checkpoints (older ones are deleted)",
-                                check=at_least(1))
+    keep_checkpoints: int = opt(3, "checkpoints kept in out_dir/checkpoints (older ones are deleted, except "
+                                   "the best)", check=at_least(1))
+    select_tasks: int = opt(60, "score every checkpoint as evaluate.py does (recognizability after run.sample_steps "
+                                "steps from run.sample_shots shots, 20-way) on the pool's first N meta-train tasks; "
+                                "checkpoints/BEST names the best, which adapt.py and evaluate.py read from a run "
+                                "folder. Meta-training is chaotic: checkpoints 100 steps apart differ by up to 0.3. "
+                                "0 = off (a run folder means its latest checkpoint)",
+                            check=at_least(0, " (0 = off)"))
     check_every: int = opt(50, "verify every N steps that all ranks hold identical meta-parameters", check=at_least(1))
     max_skipped_steps: int = opt(20, "stop with an error after more than this many consecutive non-finite steps",
                                  check=at_least(0))
@@ -180,7 +186,7 @@ SECTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 # Keys that may change when a run resumes; any other difference makes the checkpoint incompatible.
 RESUMABLE_CHANGES = (
     "run.steps", "run.log_every", "run.sample_every", "run.sample_shots", "run.sample_steps", "run.checkpoint_every",
-    "run.keep_checkpoints", "run.check_every", "run.max_skipped_steps", "run.threads", "run.device",
+    "run.keep_checkpoints", "run.select_tasks", "run.check_every", "run.max_skipped_steps", "run.threads", "run.device",
     "run.out_dir", "data.skip_corrupt", "data.sample_tasks", "data.workers", "engine.bucket_mb",
     "meta.task_chunk", "meta.compile",  # how the step computes, not what: the same meta-gradient
 )

@@ -25,6 +25,35 @@ def test_publish_moves_latest_and_keeps_the_last_k(tmp_path):
     assert resolve_checkpoint(tmp_path) == store.latest()
 
 
+def test_the_best_checkpoint_survives_pruning_and_a_run_folder_means_it(tmp_path):
+    store = CheckpointStore(tmp_path, keep=1)
+    write_checkpoint(store, 10)
+    assert store.best() is None and resolve_checkpoint(tmp_path) == store.latest()
+    store.mark_best(10, 0.5)
+    for step in (20, 30):
+        write_checkpoint(store, step)
+    assert sorted(p.name for p in store.dir.iterdir()) == ["BEST", "LATEST", "step-00000010", "step-00000030"]
+    assert store.best() == (tmp_path / "checkpoints" / "step-00000010", 0.5)
+    assert resolve_checkpoint(tmp_path) == store.dir / "step-00000010"
+    assert resolve_checkpoint(store.dir / "step-00000030") == store.dir / "step-00000030"
+    store.mark_best(30, 0.75)
+    write_checkpoint(store, 40)  # step 10 is no longer the best: pruned like any other
+    assert sorted(p.name for p in store.dir.iterdir()) == ["BEST", "LATEST", "step-00000030", "step-00000040"]
+    with pytest.raises(FileNotFoundError, match="step 50"):
+        store.mark_best(50, 1.0)
+
+
+def test_a_damaged_best_pointer_is_named(tmp_path):
+    store = CheckpointStore(tmp_path, keep=2)
+    write_checkpoint(store, 10)
+    (store.dir / "BEST").write_text("{not json")
+    with pytest.raises(ValueError, match="BEST is damaged"):
+        resolve_checkpoint(tmp_path)
+    (store.dir / "BEST").write_text('{"checkpoint": "step-00000099", "step": 99, "score": 0.1}')
+    with pytest.raises(FileNotFoundError, match="step-00000099, which holds no trainer.pt"):
+        store.best()
+
+
 def test_a_crash_mid_write_leaves_latest_on_the_previous_checkpoint(tmp_path):
     store = CheckpointStore(tmp_path, keep=3)
     write_checkpoint(store, 10)

@@ -34,6 +34,7 @@ def test_every_key_has_a_check():
         ("model.width=-4", "model.width must be >= 0"),
         ("run.sample_steps=0", "run.sample_steps must be >= 1, got 0"),
         ("run.seed=-1", "run.seed must be >= 0, got -1"),
+        ("run.select_tasks=-2", "run.select_tasks must be >= 0 (0 = off), got -2"),
         ("optim.weight_decay=-0.01", "optim.weight_decay must be >= 0"),
         ("optim.lr=inf", "optim.lr must be a finite number, got inf"),
         ("optim.lr=0", "optim.lr must be > 0, got 0.0"),

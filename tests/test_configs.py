@@ -20,8 +20,9 @@ pytestmark = pytest.mark.slow
 CONFIGS = sorted((REPO / "launch" / "configs").glob("*.yaml"))
 # What every start overrides: where it runs and how long, nothing the config is about.
 # model.autoencoder_epochs: the latent pair's autoencoder trains for 1 epoch, not 12 (other pairs ignore it).
+# run.select_tasks: scoring checkpoints would train the glyphs pool's feature nets (minutes); tests/test_selection.py.
 ON_THE_CPU = {"run.device": "cpu", "run.steps": 2, "run.threads": 1, "data.tasks_per_rank": 1, "run.log_every": 1,
-              "model.autoencoder_epochs": 1}
+              "model.autoencoder_epochs": 1, "run.select_tasks": 0}
 
 
 def launch_ranks(config: Path) -> int:

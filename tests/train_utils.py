@@ -67,7 +67,7 @@ def tiny_run_args(pool: Path, out_dir: Path, steps: int, **overrides: object) ->
         "data.pool": pool, "model.arch": "mlp", "model.width": 16, "model.z_dim": Z_DIM, "data.shots": SHOTS,
         "data.queries": 3, "data.tasks_per_rank": 2, "data.workers": 0, "data.batches_per_epoch": 4,
         "data.sample_tasks": 2, "run.threads": 1, "run.steps": steps, "run.out_dir": out_dir, "run.log_every": 1,
-        "run.sample_every": 1000, "run.checkpoint_every": 1000, "run.device": "cpu",
+        "run.sample_every": 1000, "run.checkpoint_every": 1000, "run.select_tasks": 0, "run.device": "cpu",
         "meta.algorithm": "maml", "meta.inner_rule": "sgd", "meta.inner_steps": 2, "meta.inner_lr": 0.05,
     }
     values.update(overrides)

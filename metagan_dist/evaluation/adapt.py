@@ -32,7 +32,8 @@ from metagan_dist.sampling import save_grid
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoint folder, either engine")
+    parser.add_argument("checkpoint", help="a run folder (its best checkpoint if the run scored its "
+                        "checkpoints, run.select_tasks; else its latest) or a checkpoint folder, either engine")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", metavar="FOLDER",
                         help="folder of the new task's images (png/jpg/bmp...); the first k readable ones in name order")

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from metagan_dist.autoencoder import AutoencoderWeights
-from metagan_dist.checkpoint import TRANSPOSED_LINEAR_SINCE, load_trainer_state, resolve_checkpoint
+from metagan_dist.checkpoint import TRANSPOSED_LINEAR_SINCE, CheckpointStore, load_trainer_state, resolve_checkpoint
 from metagan_dist.config import TrainConfig, from_dict
 from metagan_dist.engine import load_meta_parameters
 from metagan_dist.meta import MetaLearner
@@ -24,6 +24,7 @@ class MetaLearnedGAN:
     folder: Path
     step: int
     ranks: int
+    run_steps: int  # meta-steps of its run's latest checkpoint (>= step when BEST named an earlier one)
     config: TrainConfig
     image_shape: tuple[int, int, int]
     learner: MetaLearner
@@ -40,7 +41,7 @@ def load_meta_learned(
     path: str | Path, device: torch.device | str = "cpu", sample_median: int | None = None,
     g_average: float | None = None,
 ) -> MetaLearnedGAN:
-    """Load a run folder (its latest checkpoint) or a checkpoint folder written by the torch or DeepSpeed engine.
+    """Load a run folder (its best checkpoint, else its latest) or a checkpoint folder, either engine.
 
     sample_median: the radius of the median filter its samples go through, instead of the config's
     `model.sample_median` (it changes no parameter: the filter acts on samples only).
@@ -81,6 +82,7 @@ def load_meta_learned(
         folder=folder,
         step=int(state["step"]),
         ranks=len(state["ranks"]),
+        run_steps=_run_steps(folder, int(state["step"])),
         config=config,
         image_shape=image_shape,
         learner=learner,
@@ -88,3 +90,9 @@ def load_meta_learned(
         theta_d=theta_d.detach().to(device),
         inner_lrs=None if rates is None else tuple(r.detach().to(device) for r in rates),
     )
+
+
+def _run_steps(folder: Path, step: int) -> int:
+    """The step of the latest checkpoint in the run `folder` belongs to (`step` for a lone checkpoint folder)."""
+    latest = CheckpointStore(folder.parent.parent, keep=1).latest() if folder.parent.name == "checkpoints" else None
+    return max(step, int(latest.name.removeprefix("step-"))) if latest is not None else step

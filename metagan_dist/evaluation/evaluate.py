@@ -18,9 +18,9 @@ scored before adaptation (S = 0).
 
 Methods: each checkpoint (adapted with --rules, default its meta-learned inner rule); `scratch`, a
 random init of the same architecture (a fresh one per seed); `pretrain-finetune`, one GAN trained
-with Adam on the union of the meta-train tasks for the same compute as the first checkpoint's
-meta-training (the same number of real-image evaluations: meta-steps x ranks x tasks per rank x
-(inner steps x k + q)), from its initial weights (for a support-conditioned G, a conditional GAN:
+with Adam on the union of the meta-train tasks for the same compute as the first checkpoint's run
+(the same number of real-image evaluations: meta-steps to its latest checkpoint x ranks x tasks per
+rank x (inner steps x k + q)), from its initial weights (for a support-conditioned G, a conditional GAN:
 each batch from one task, which is also G's support). Baselines adapt with each of --baseline-rules
 (default: the first checkpoint's own inner rule, written as sgd:LR or adam:LR:BETA1).
 
@@ -60,7 +60,9 @@ META_TRAIN_SPLIT = "train"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", metavar="[NAME=]PATH",
-                        help="meta-trained run or checkpoint folders (either engine); NAME defaults to meta.algorithm. "
+                        help="meta-trained run folders (their best checkpoint if the run scored its checkpoints, "
+                             "run.select_tasks; else their latest) or checkpoint folders (either engine); "
+                             "NAME defaults to meta.algorithm. "
                              "All must share one architecture; the first sets the pool, k and the pretraining budget")
     parser.add_argument("--pool", help="'glyphs' or a pool folder (default: the first checkpoint's data.pool)")
     parser.add_argument("--split", default="test", help="split of the held-out tasks (default: test)")
@@ -184,7 +186,7 @@ def build_methods(
                                   init=lambda seed: baselines.random_init(config, shape, seed),
                                   source="random init (seed = evaluation seed)"))
     if "pretrain-finetune" in args.baselines:
-        budget = baselines.matched_budget(config, reference.step, reference.ranks, args.pretrain_batch)
+        budget = baselines.matched_budget(config, reference.run_steps, reference.ranks, args.pretrain_batch)
         start = time.perf_counter()
         theta_g, theta_d = baselines.random_init(config, shape, config.run.seed)
         pretrained = baselines.pretrain(
@@ -192,7 +194,7 @@ def build_methods(
             lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2), seed=config.run.seed, tasks=labels,
         )
         pretrain_record = {**budget.as_dict(), "lr": config.optim.lr, "betas": [config.optim.beta1, config.optim.beta2],
-                           "matches": f"{reference.folder}: {reference.step} meta-steps x {reference.ranks} rank(s) x "
+                           "matches": f"{reference.folder}: its run's {reference.run_steps} meta-steps x {reference.ranks} rank(s) x "
                                       f"{config.data.tasks_per_rank} tasks x ({config.meta.inner_steps} x "
                                       f"{config.data.shots} + {config.data.queries}) real images",
                            "seconds": round(time.perf_counter() - start, 1)}
