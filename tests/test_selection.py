@@ -6,13 +6,18 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from metagan_dist.checkpoint import CheckpointStore
 from metagan_dist.evaluation.checkpoint_model import load_meta_learned
 from metagan_dist.evaluation.evaluate import main as evaluate_main
-from train_utils import make_square_pool, tiny_run_args, train
+from train_utils import make_square_pool, meta_parameters, tiny_run_args, train
 
 STEPS, SCORED_TASKS, SAMPLE_SHOTS, SAMPLE_STEPS = 4, 6, 4, 10
+# A run whose checkpoints score differently: a conditioned G and an inner Adam that adapts in 10 steps.
+SCORED_RUN = {"run.select_tasks": SCORED_TASKS, "run.sample_shots": SAMPLE_SHOTS, "run.sample_steps": SAMPLE_STEPS,
+              "model.support_dim": 8, "meta.algorithm": "fomaml", "meta.inner_rule": "adam", "meta.inner_lr": 0.1,
+              "optim.lr": 0.01}
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +27,10 @@ def pool(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def run(pool, tmp_path_factory) -> Path:
-    """A run whose checkpoints score differently (the first highest, here), each kept for the reference."""
+    """Every step checkpointed, scored and kept, for the reference below."""
     out = tmp_path_factory.mktemp("selection") / "run"
-    done = train(tiny_run_args(pool, out, STEPS, **{
-        "run.select_tasks": SCORED_TASKS, "run.checkpoint_every": 1, "run.keep_checkpoints": STEPS,
-        "run.sample_shots": SAMPLE_SHOTS, "run.sample_steps": SAMPLE_STEPS, "model.support_dim": 8,
-        "meta.algorithm": "fomaml", "meta.inner_rule": "adam", "meta.inner_lr": 0.1, "optim.lr": 0.01}))
+    done = train(tiny_run_args(pool, out, STEPS, **SCORED_RUN, **{"run.checkpoint_every": 1,
+                                                                 "run.keep_checkpoints": STEPS}))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "best:" in done.stdout
     return out
@@ -65,6 +68,18 @@ def test_a_run_folder_loads_its_best_checkpoint_with_its_runs_budget(run):
     model = load_meta_learned(run)
     assert (model.step, model.run_steps) == (best, STEPS)
     assert load_meta_learned(run / "checkpoints" / CheckpointStore.tag(STEPS)).run_steps == STEPS
+
+
+def test_scoring_leaves_an_interrupted_and_resumed_run_bit_identical(pool, tmp_path):
+    args = {**SCORED_RUN, "run.checkpoint_every": 2}
+    assert train(tiny_run_args(pool, tmp_path / "straight", STEPS, **args)).returncode == 0
+    assert train(tiny_run_args(pool, tmp_path / "resumed", STEPS // 2, **args)).returncode == 0
+    assert train(tiny_run_args(pool, tmp_path / "resumed", STEPS, **args)).returncode == 0
+    a, b = meta_parameters(tmp_path / "straight"), meta_parameters(tmp_path / "resumed")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert logged_scores(tmp_path / "straight") == logged_scores(tmp_path / "resumed")
+    best = [(run / "checkpoints" / "BEST").read_text() for run in (tmp_path / "straight", tmp_path / "resumed")]
+    assert best[0] == best[1]
 
 
 def test_tasks_too_small_to_score_are_one_clear_error(pool, tmp_path):
