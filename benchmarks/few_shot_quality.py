@@ -3,7 +3,8 @@
     python benchmarks/few_shot_quality.py      # the RESULTS.md figures
 
 The MLP family alone (`--latent-seeds 0`) took 25 min on one 2-core AMD EPYC and 76 min on a slower one;
-the whole run took 79 min on a 2-core Intel Xeon, with probes sharing its cores (benchmarks/RESULTS.md).
+the whole run took 79 min on a 2-core Intel Xeon, with probes sharing its cores, and the MLP family alone
+44 min there with checkpoint selection (benchmarks/RESULTS.md).
 
 A smoke run, with fewer tasks, seeds and meta-steps:
 
@@ -13,8 +14,9 @@ A smoke run, with fewer tasks, seeds and meta-steps:
 1. Meta-trains with launch/train.py: the quick start (its defaults, as `make train` runs them) once
    per training seed (`--train-seeds`, run.seed = 0, 1, ...), the longer CPU run
    (launch/configs/cpu_long.yaml) once, and the latent pair (launch/configs/cpu_latent.yaml) once per
-   `--latent-seeds`. Meta-training is chaotic: runs that differ only in their seed scored 0.42-0.77,
-   and 0.66-0.77 since meta.g_average (benchmarks/RESULTS.md), so one run is one draw of a recipe.
+   `--latent-seeds`. Meta-training is chaotic: runs that differ only in their seed scored 0.37-0.77
+   since meta.g_average (benchmarks/RESULTS.md), so one run is one draw of a recipe. Each run keeps
+   its best checkpoint (run.select_tasks; off in cpu_latent.yaml), and the evaluation reads it.
 2. Evaluates each family of nets with one launch/evaluate.py call on the held-out Georgian script:
    --tasks tasks x --seeds seeds, k = 4 shots, S = 10 steps, 20-way recognizability, M = 64 samples
    per task, against `scratch` (a random init of the family's nets; for the latent pair, random heads
