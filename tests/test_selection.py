@@ -11,7 +11,7 @@ import torch
 from metagan_dist.checkpoint import CheckpointStore
 from metagan_dist.evaluation.checkpoint_model import load_meta_learned
 from metagan_dist.evaluation.evaluate import main as evaluate_main
-from train_utils import make_square_pool, meta_parameters, tiny_run_args, train
+from train_utils import finish, make_square_pool, meta_parameters, tiny_run_args, torchrun, train
 
 STEPS, SCORED_TASKS, SAMPLE_SHOTS, SAMPLE_STEPS = 4, 6, 4, 10
 # A run whose checkpoints score differently: a conditioned G and an inner Adam that adapts in 10 steps.
@@ -80,6 +80,23 @@ def test_scoring_leaves_an_interrupted_and_resumed_run_bit_identical(pool, tmp_p
     assert logged_scores(tmp_path / "straight") == logged_scores(tmp_path / "resumed")
     best = [(run / "checkpoints" / "BEST").read_text() for run in (tmp_path / "straight", tmp_path / "resumed")]
     assert best[0] == best[1]
+
+
+@pytest.mark.slow
+def test_rank_0_scores_for_two_gloo_ranks_under_either_engine(pool, tmp_path):
+    """Only rank 0 scores, while rank 1 waits in the next all-reduce; DeepSpeed's parameters score alike."""
+    args = {**SCORED_RUN, "run.checkpoint_every": 2}
+    scores = {}
+    for engine in ("torch", "deepspeed"):
+        out = tmp_path / engine
+        extra = {"engine.name": engine, "engine.deepspeed_config": "launch/configs/deepspeed_zero2.json"}
+        code, output = finish(torchrun(tiny_run_args(pool, out, STEPS, **args, **extra)), timeout=900)
+        assert code == 0, output[-3000:]
+        scores[engine] = logged_scores(out)
+        assert sorted(scores[engine]) == [2, 4]
+        best = json.loads((out / "checkpoints" / "BEST").read_text())
+        assert best["score"] == max(scores[engine].values())
+    assert scores["deepspeed"] == pytest.approx(scores["torch"], abs=0.05)  # equal up to float rounding
 
 
 def test_tasks_too_small_to_score_are_one_clear_error(pool, tmp_path):
