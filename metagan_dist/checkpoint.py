@@ -171,8 +171,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     if (path / "checkpoints").is_dir():
         store = CheckpointStore(path, keep=1)
-        chosen = store.best()
-        chosen = chosen[0] if chosen is not None else store.latest()
+        best = store.best()
+        chosen = best[0] if best is not None else store.latest()
         if chosen is not None:
             return chosen
     raise FileNotFoundError(f"{path} is neither a checkpoint folder (with trainer.pt) nor a run folder with checkpoints")

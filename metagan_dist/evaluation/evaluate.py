@@ -194,9 +194,9 @@ def build_methods(
             lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2), seed=config.run.seed, tasks=labels,
         )
         pretrain_record = {**budget.as_dict(), "lr": config.optim.lr, "betas": [config.optim.beta1, config.optim.beta2],
-                           "matches": f"{reference.folder}: its run's {reference.run_steps} meta-steps x {reference.ranks} rank(s) x "
-                                      f"{config.data.tasks_per_rank} tasks x ({config.meta.inner_steps} x "
-                                      f"{config.data.shots} + {config.data.queries}) real images",
+                           "matches": f"{reference.folder}: its run's {reference.run_steps} meta-steps x "
+                                      f"{reference.ranks} rank(s) x {config.data.tasks_per_rank} tasks x "
+                                      f"({config.meta.inner_steps} x {config.data.shots} + {config.data.queries}) real images",
                            "seconds": round(time.perf_counter() - start, 1)}
         for rule in baseline_rules:
             methods.append(Method("pretrain-finetune", "baseline", reference.learner, rule,
