@@ -84,6 +84,11 @@ class CheckpointStore:
     def tag(step: int) -> str:
         return f"step-{step:08d}"
 
+    @staticmethod
+    def step_of(folder: Path) -> int:
+        """The step a checkpoint folder was written at, read from its name (the inverse of `tag`)."""
+        return int(folder.name.removeprefix("step-"))
+
     def staging(self, step: int) -> Path:
         """The folder a checkpoint of `step` is written into before it is published."""
         return self.dir / f"{self.tag(step)}.tmp"

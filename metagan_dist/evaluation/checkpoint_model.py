@@ -95,4 +95,4 @@ def load_meta_learned(
 def _run_steps(folder: Path, step: int) -> int:
     """The step of the latest checkpoint in the run `folder` belongs to (`step` for a lone checkpoint folder)."""
     latest = CheckpointStore(folder.parent.parent, keep=1).latest() if folder.parent.name == "checkpoints" else None
-    return max(step, int(latest.name.removeprefix("step-"))) if latest is not None else step
+    return max(step, CheckpointStore.step_of(latest)) if latest is not None else step
