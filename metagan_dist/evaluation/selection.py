@@ -31,15 +31,14 @@ class CheckpointScorer:
     """Recognizability of meta-parameters on the first `tasks` meta-train tasks of `pool`: adapted with
     the learner's own inner rule for `steps` steps from `shots` shots, N-way as evaluate.py scores it."""
 
-    def __init__(self, pool: Pool, learner: MetaLearner, tasks: int, shots: int, steps: int,
-                 device: torch.device, ways: int = 20):
+    def __init__(self, pool: Pool, learner: MetaLearner, tasks: int, shots: int, steps: int, device: torch.device):
         keys = pool.keys(META_TRAIN_SPLIT)[:tasks]
         if len(keys) < 2:
             raise ValueError(f"run.select_tasks: pool {pool.path} has {len(keys)} meta-train task(s); scoring "
                              f"checkpoints needs at least 2 (or set run.select_tasks=0)")
         self.plan = EvalPlan(tasks=pool.load_tasks(META_TRAIN_SPLIT, keys), shots=shots, steps=[steps],
                              samples=SELECTION_SAMPLES, seeds=[SELECTION_SEED], kid_subsets=SELECTION_KID_SUBSETS,
-                             ways=min(ways, len(keys)))
+                             ways=min(EvalPlan.ways, len(keys)))  # the harness's 20-way, fewer tasks permitting
         try:
             check_plan(self.plan)
         except ValueError as err:
