@@ -11,8 +11,6 @@ the `latent` pair clean strokes (README, "The latent pair").
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from metagan_dist.checkpoint import save_file_atomic
+from metagan_dist.checkpoint import fingerprint, save_file_atomic
 from metagan_dist.data import Pool, images_to_tensor
 
 log = logging.getLogger(__name__)
@@ -99,14 +97,9 @@ class AutoencoderWeights:
 
 
 def training_fingerprint(images: np.ndarray, code_dim: int, epochs: int, noise: float, seed: int) -> str:
-    """SHA-256 over the training images and settings (and FORMAT): the cache's identity."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps([images.dtype.str, images.shape]).encode())
-    digest.update(np.ascontiguousarray(images).tobytes())
-    settings = {"format": FORMAT, "code_dim": code_dim, "epochs": epochs, "noise": noise, "seed": seed,
-                "width": WIDTH}
-    digest.update(json.dumps(settings, sort_keys=True).encode())
-    return digest.hexdigest()
+    """The cache's identity: the training images and settings (and FORMAT)."""
+    return fingerprint([images], {"format": FORMAT, "code_dim": code_dim, "epochs": epochs, "noise": noise,
+                                  "seed": seed, "width": WIDTH})
 
 
 def train_autoencoder(

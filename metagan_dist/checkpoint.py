@@ -11,13 +11,16 @@ checkpoint. Only the last `keep` checkpoints are kept, and the one BEST names (r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 CHECKPOINT_VERSION = 3
@@ -53,6 +56,18 @@ def save_file_atomic(obj: Any, path: Path) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def fingerprint(arrays: Sequence[np.ndarray], settings: dict[str, Any]) -> str:
+    """SHA-256 over arrays (dtype, shape, bytes) and JSON settings: the identity of a cache trained on them,
+    so a cache is reused only for exactly the data and settings it was trained with."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.asarray(array)
+        digest.update(json.dumps([array.dtype.str, array.shape]).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 def write_text_atomic(path: Path, text: str) -> None:

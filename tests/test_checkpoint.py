@@ -1,10 +1,14 @@
 """Checkpoint folders: published atomically, pruned to the last K, damage reported clearly."""
 
+import hashlib
+import json
+
+import numpy as np
 import pytest
 import torch
 
 from metagan_dist.checkpoint import (
-    CHECKPOINT_VERSION, CheckpointStore, load_trainer_state, resolve_checkpoint, save_file_atomic,
+    CHECKPOINT_VERSION, CheckpointStore, fingerprint, load_trainer_state, resolve_checkpoint, save_file_atomic,
 )
 
 
@@ -87,6 +91,24 @@ def test_a_failed_save_leaves_the_old_file_and_no_temporary_file(tmp_path, monke
         save_file_atomic({"x": 1}, target)
     assert target.read_bytes() == b"previous cache"
     assert [p.name for p in tmp_path.iterdir()] == ["cache.pt"]
+
+
+def test_a_cache_fingerprint_changes_with_every_byte_dtype_shape_and_setting():
+    images = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    reference = hashlib.sha256()
+    reference.update(json.dumps(["|u1", [2, 3, 4]]).encode())
+    reference.update(bytes(range(24)))
+    reference.update(b'{"epochs": 8, "seed": 0}')
+    assert fingerprint([images], {"seed": 0, "epochs": 8}) == reference.hexdigest()
+    changed = images.copy()
+    changed[1, 2, 3] += 1
+    settings = {"seed": 0, "epochs": 8}
+    others = [
+        fingerprint([changed], settings), fingerprint([images.astype(np.int16)], settings),
+        fingerprint([images.reshape(4, 3, 2)], settings), fingerprint([images], {"seed": 1, "epochs": 8}),
+        fingerprint([images, np.zeros(2)], settings),
+    ]
+    assert len({reference.hexdigest(), *others}) == 6
 
 
 def test_damage_and_other_versions_are_named(tmp_path):

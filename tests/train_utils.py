@@ -14,6 +14,7 @@ import numpy as np
 import psutil
 import torch
 
+from metagan_dist.checkpoint import CheckpointStore
 from metagan_dist.data import write_pool
 from metagan_dist.data.arrays import array_source
 
@@ -135,8 +136,9 @@ def kill_tree(pid: int) -> None:
 
 
 def latest_step(out_dir: Path) -> int:
-    pointer = out_dir / "checkpoints" / "LATEST"
-    return int(pointer.read_text().split("-")[1]) if pointer.exists() else 0
+    """The step of the run's newest complete checkpoint; 0 before its first."""
+    folder = CheckpointStore(out_dir, keep=0).latest()
+    return CheckpointStore.step_of(folder) if folder else 0
 
 
 def wait_for_checkpoint(out_dir: Path, step: int, process: subprocess.Popen, timeout: float = 300) -> None:

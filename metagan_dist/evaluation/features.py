@@ -15,8 +15,6 @@ cached beside it (`load_or_train_feature_net`), one per question:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from metagan_dist.checkpoint import save_file_atomic
+from metagan_dist.checkpoint import fingerprint, save_file_atomic
 
 log = logging.getLogger(__name__)
 
@@ -262,15 +260,9 @@ def load_or_train_feature_spaces(
 def training_fingerprint(
     images: np.ndarray, labels: np.ndarray, *, epochs: int, seed: int, corruptions: bool = False
 ) -> str:
-    """SHA-256 over the training images, labels and settings (and the cache format): the cache's identity."""
-    digest = hashlib.sha256()
-    settings = {"format": CACHE_FORMAT, "epochs": epochs, "seed": seed, "feature_dim": FEATURE_DIM,
-                "corruptions": corruptions}
-    for array in (np.asarray(images), np.asarray(labels)):
-        digest.update(json.dumps([array.dtype.str, array.shape]).encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
-    digest.update(json.dumps(settings, sort_keys=True).encode())
-    return digest.hexdigest()
+    """The cache's identity: the training images, labels and settings (and the cache format)."""
+    return fingerprint([images, labels], {"format": CACHE_FORMAT, "epochs": epochs, "seed": seed,
+                                          "feature_dim": FEATURE_DIM, "corruptions": corruptions})
 
 
 def _net_from_cache(cached: dict, device: str | torch.device) -> FeatureNet:
