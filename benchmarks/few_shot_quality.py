@@ -4,7 +4,7 @@
 
 The MLP family alone (`--latent-seeds 0`) took 25 min on one 2-core AMD EPYC and 76 min on a slower one;
 the whole run took 79 min on a 2-core Intel Xeon, with probes sharing its cores, and the MLP family alone
-44 min there with checkpoint selection (benchmarks/RESULTS.md).
+44 min there with checkpoint selection, and 39 min on a 2-core AMD EPYC (benchmarks/RESULTS.md).
 
 A smoke run, with fewer tasks, seeds and meta-steps:
 
