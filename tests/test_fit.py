@@ -8,12 +8,12 @@ The judge is the evaluation's: the corruption-trained recognition net cached bes
 Three tasks are fitted side by side as three independent GANs, and at least two of them must reach 0.9,
 since a single GAN run is chaotic and its rounding differs between CPUs: the first task scored 0.89 on
 one machine and 0.98 on another, and 0.41 (mlp) / 0.50 (dcgan) on a 2-core Intel Xeon, where its samples
-drew the character in speckle, some in the weight of its one bold shot. Two torch threads (THREADS),
-so the trajectory does not depend on the machine's core count. The latent pair's heads fit over the
-pool's autoencoder as shipped (12 epochs, cached in the pool's folder; with 1 or 4 epochs its decoder
-could not draw every task), trained with every core. Slow: about 15 s (mlp), 95 s (dcgan) and 30 s
-(latent) on two idle cores, plus the judge's and the autoencoder's training (about 2 min each) on a
-fresh machine.
+drew the character in speckle, some in the weight of its one bold shot. Two torch threads
+(FIT_THREADS), so the trajectory does not depend on the machine's core count. The latent pair's heads
+fit over the pool's autoencoder as shipped (12 epochs, cached in the pool's folder; with 1 or 4 epochs
+its decoder could not draw every task), trained with every core. Slow: about 15 s (mlp), 95 s (dcgan)
+and 30 s (latent) on two idle cores, plus the judge's and the autoencoder's training (about 2 min
+each) on a fresh machine.
 """
 
 from contextlib import contextmanager
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow
 SHOTS, WAYS, FITTED, SAMPLES = 4, 20, 3, 64
 # A plain GAN recipe (Adam 2e-3, β 0.5/0.999, 16 fakes a step, one D step), not the meta-learning one.
 STEPS, RULE, FAKES = {"mlp": 1200, "dcgan": 500, "latent": 300}, InnerAdam(2e-3, (0.5, 0.999)), 16
-THREADS = 2  # a fixed count, not the machine's: CI's two cores (one thread gave the same scores, 1.6x slower)
+FIT_THREADS = 2  # a fixed count, not the machine's: CI's two cores (one thread gave the same scores, 1.6x slower)
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +52,9 @@ def glyph_tasks():
 
 @contextmanager
 def fixed_torch_threads():
-    """THREADS torch threads, so the fit's trajectory does not depend on the machine's core count."""
+    """FIT_THREADS torch threads, so the fit's trajectory does not depend on the machine's core count."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(FIT_THREADS)
     try:
         yield
     finally:
