@@ -18,11 +18,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.dispatch import check_same_kind, check_triton_can_run, device_guard, resolve_backend
+from kernels.dispatch import check_same_kind, check_triton_can_run, device_guard, resolve_backend, task_block_programs
 from kernels.grad_clip import clip_factors
 
 BLOCK = 1024  # parameters per program
-MAX_GRID = 2**31 - 1
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -63,11 +62,9 @@ def _adam_triton(
     theta, grads, scale = theta.contiguous(), grads.contiguous(), None if scale is None else scale.contiguous()
     tasks, params = grads.shape
     out = torch.empty_like(grads)
-    programs = tasks * triton.cdiv(params, BLOCK)
+    programs = task_block_programs(tasks, params, BLOCK)
     if programs == 0:
         return out
-    if programs > MAX_GRID:
-        raise ValueError(f"[T, P] = {tuple(grads.shape)} needs {programs} programs, more than a grid holds")
     with device_guard(grads):
         _adam_kernel[(programs,)](
             theta, grads, exp_avg, exp_avg_sq, grads if scale is None else scale, out,

@@ -15,6 +15,7 @@ from torch import Tensor
 ENV_VAR = "METAGAN_KERNELS"
 BACKENDS = ("auto", "triton", "reference")
 TRITON_DTYPES = (torch.float32, torch.bfloat16)  # the dtypes the tests cover; fp32 arithmetic inside
+MAX_GRID = 2**31 - 1  # programs a Triton launch grid holds along its first axis
 
 
 def resolve_backend(backend: str | None, like: Tensor) -> str:
@@ -45,6 +46,16 @@ def check_triton_can_run(kernel: object, tensor: Tensor) -> None:
             f"the 'triton' kernel backend needs CUDA tensors, got {tensor.device}; on the CPU use "
             f"backend='reference' (the default there), or set TRITON_INTERPRET=1 before importing kernels"
         )
+
+
+def task_block_programs(tasks: int, params: int, block: int) -> int:
+    """Programs of a launch with one program per (task, block of `block` parameters) over a [tasks, params]
+    buffer; a clear error where that is more than a grid holds."""
+    programs = tasks * -(-params // block)
+    if programs > MAX_GRID:
+        raise ValueError(f"[T, P] = {(tasks, params)} needs {programs} programs of {block} parameters, more than "
+                         f"the {MAX_GRID} a launch grid holds")
+    return programs
 
 
 def device_guard(tensor: Tensor) -> contextlib.AbstractContextManager:

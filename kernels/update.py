@@ -23,13 +23,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.dispatch import check_same_kind, check_triton_can_run, device_guard, resolve_backend
+from kernels.dispatch import check_same_kind, check_triton_can_run, device_guard, resolve_backend, task_block_programs
 from kernels.grad_clip import clip_factors
 
 BLOCK_FORWARD = 2048  # parameters per program of the update
 BLOCK_BACKWARD = 512  # parameters per program of the backward (each loops over all tasks)
 LR_FLOAT, LR_SCALAR, LR_VECTOR = 0, 1, 2  # α as a kernel argument, a 0-d tensor, a [P] tensor
-MAX_GRID = 2**31 - 1
 
 
 @triton.jit(do_not_specialize=["T"])  # T == 1 needs no kernel of its own
@@ -126,11 +125,9 @@ def _forward_triton(theta: Tensor, grads: Tensor, lr: Tensor | None, lr_value: f
     theta, grads, lr, scale = (_contiguous(t) for t in (theta, grads, lr, scale))
     tasks, params = grads.shape
     out = torch.empty_like(grads)
-    programs = tasks * triton.cdiv(params, BLOCK_FORWARD)
+    programs = task_block_programs(tasks, params, BLOCK_FORWARD)
     if programs == 0:
         return out
-    if programs > MAX_GRID:
-        raise ValueError(f"[T, P] = {tuple(grads.shape)} needs {programs} programs, more than a grid holds")
     with device_guard(grads):
         _update_forward_kernel[(programs,)](
             theta, grads, grads if lr is None else lr, grads if scale is None else scale, out, lr_value,

@@ -11,7 +11,7 @@ from torch.autograd import gradcheck, gradgradcheck
 import kernels
 import kernels.update as update_module
 from conftest import requires_cuda
-from kernels.dispatch import check_triton_can_run, is_interpreted, resolve_backend
+from kernels.dispatch import MAX_GRID, check_triton_can_run, is_interpreted, resolve_backend, task_block_programs
 from kernels.grad_clip import row_norms_op
 from kernels.launches import cuda_launches
 from kernels.update import BLOCK_FORWARD, inner_update_backward_op
@@ -251,6 +251,15 @@ def test_negative_clip_and_bad_reptile_shapes_are_errors():
         kernels.reptile_delta(torch.zeros(4), torch.zeros(0, 4))
     with pytest.raises(TypeError, match="thetas is torch.float64"):
         kernels.reptile_delta(torch.zeros(4), torch.zeros(2, 4, dtype=torch.float64))
+
+
+def test_launch_grid_counts_task_blocks_and_refuses_more_than_a_grid_holds():
+    assert task_block_programs(3, 2048, 1024) == 6
+    assert task_block_programs(3, 2049, 1024) == 9  # a partial block is a program too
+    assert task_block_programs(0, 2049, 1024) == 0
+    assert task_block_programs(1, MAX_GRID * 1024, 1024) == MAX_GRID  # the largest grid
+    with pytest.raises(ValueError, match=rf"\[T, P\] = \(1, {MAX_GRID * 1024 + 1}\) needs {MAX_GRID + 1} programs"):
+        task_block_programs(1, MAX_GRID * 1024 + 1, 1024)
 
 
 # ---- CUDA only: launches per update, 64-bit offsets ---------------------------------------------
