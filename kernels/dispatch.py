@@ -10,6 +10,7 @@ import contextlib
 import os
 
 import torch
+import triton
 from torch import Tensor
 
 ENV_VAR = "METAGAN_KERNELS"
@@ -51,7 +52,7 @@ def check_triton_can_run(kernel: object, tensor: Tensor) -> None:
 def task_block_programs(tasks: int, params: int, block: int) -> int:
     """Programs of a launch with one program per (task, block of `block` parameters) over a [tasks, params]
     buffer; a clear error where that is more than a grid holds."""
-    programs = tasks * -(-params // block)
+    programs = tasks * triton.cdiv(params, block)
     if programs > MAX_GRID:
         raise ValueError(f"[T, P] = {(tasks, params)} needs {programs} programs of {block} parameters, more than "
                          f"the {MAX_GRID} a launch grid holds")
